@@ -1,0 +1,298 @@
+"""Prediction targets, preconditioning and the training loss, owned by one ``Denoiser`` wrapper.
+
+The backbone only ever sees ``backbone(c_in * x_t, c_noise, cond, **kwargs)`` and returns F; the wrapper
+turns F into the x0 estimate ("denoised") according to the prediction target, in fp32:
+
+- ``eps``: F estimates eps,            denoised = (x_t - sigma F) / alpha
+- ``x0``:  F estimates x0,             denoised = F
+- ``v``:   F estimates v (Salimans & Ho 2022), generalised to any (alpha, sigma) and data std sigma_data
+           as EDM's F-target (Karras et al. 2022): denoised = c_skip x_t - c_out F with
+           c_skip = sigma_data^2 alpha / r^2, c_out = sigma sigma_data / r, r^2 = alpha^2 sigma_data^2 + sigma^2.
+
+Loss weightings are stated as weights on ||denoised - x0||^2 (Kingma & Gao 2023): ``eps`` / ``snr``: SNR,
+``x0``: 1, ``v`` / ``edm``: 1 / c_out^2 (= SNR + 1 when sigma_data = 1), ``min_snr``: min(SNR, gamma)
+(Hang et al. 2023). The loss is computed in float64 with logSNR clipped to +-40, so weights that grow
+without bound at the ends of a schedule (SNR for eps-prediction) stay finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .schedules import Schedule, append_dims, get_schedule
+from .spaces import Euclidean, Space
+
+__all__ = [
+    "Target",
+    "Weighting",
+    "DiffusionConfig",
+    "Denoiser",
+    "add_noise",
+    "to_x0",
+    "to_eps",
+    "to_v",
+    "convert",
+    "loss_weight",
+]
+
+Target = Literal["eps", "x0", "v"]
+Weighting = Literal["target", "eps", "snr", "x0", "v", "edm", "min_snr"]
+TARGETS: tuple[str, ...] = ("eps", "x0", "v")
+WEIGHTINGS: tuple[str, ...] = ("target", "eps", "snr", "x0", "v", "edm", "min_snr")
+LOGSNR_LIMIT = 40.0  # |logsnr| is clipped here when turned into weights or the noise embedding
+
+
+@dataclass
+class DiffusionConfig:
+    """Schedule, prediction target, loss weighting and training-time noise/condition sampling."""
+
+    schedule: str = "cosine"
+    schedule_args: dict[str, float] = field(default_factory=dict)
+    target: Target = "v"
+    weighting: Weighting = "target"
+    min_snr_gamma: float = 5.0
+    sigma_data: float = 1.0
+    t_sampling: Literal["uniform", "lognormal"] = "uniform"
+    t_min: float = 1e-4
+    lognormal_mean: float = -1.2
+    lognormal_std: float = 1.2
+    cond_drop: float = 0.1
+
+    def build_schedule(self) -> Schedule:
+        """The configured schedule."""
+        return get_schedule(self.schedule, **self.schedule_args)
+
+
+def add_noise(x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x_t = alpha x0 + sigma eps, with per-sample alpha/sigma broadcast over trailing dims."""
+    return append_dims(alpha, x0.ndim) * x0 + append_dims(sigma, x0.ndim) * noise
+
+
+def _r(alpha: Tensor, sigma: Tensor) -> Tensor:
+    return torch.sqrt(alpha**2 + sigma**2)
+
+
+def to_x0(pred: Tensor, kind: str, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x0 from an eps / x0 / v prediction (v = (alpha eps - sigma x0) / r, r^2 = alpha^2 + sigma^2)."""
+    a, s = append_dims(alpha, x_t.ndim), append_dims(sigma, x_t.ndim)
+    if kind == "x0":
+        return pred
+    if kind == "eps":
+        return (x_t - s * pred) / a
+    if kind == "v":
+        r = _r(a, s)
+        return (a * x_t - s * r * pred) / r**2
+    raise ValueError(f"kind: expected one of {TARGETS}, got {kind!r}")
+
+
+def to_eps(pred: Tensor, kind: str, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """eps from an eps / x0 / v prediction."""
+    a, s = append_dims(alpha, x_t.ndim), append_dims(sigma, x_t.ndim)
+    if kind == "eps":
+        return pred
+    if kind == "x0":
+        return (x_t - a * pred) / s
+    if kind == "v":
+        r = _r(a, s)
+        return (s * x_t + a * r * pred) / r**2
+    raise ValueError(f"kind: expected one of {TARGETS}, got {kind!r}")
+
+
+def to_v(pred: Tensor, kind: str, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """v from an eps / x0 / v prediction."""
+    if kind == "v":
+        return pred
+    a, s = append_dims(alpha, x_t.ndim), append_dims(sigma, x_t.ndim)
+    x0 = to_x0(pred, kind, x_t, alpha, sigma)
+    eps = to_eps(pred, kind, x_t, alpha, sigma)
+    return (a * eps - s * x0) / _r(a, s)
+
+
+def convert(pred: Tensor, src: str, dst: str, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Exact conversion between prediction targets at a given x_t."""
+    fn = {"x0": to_x0, "eps": to_eps, "v": to_v}.get(dst)
+    if fn is None:
+        raise ValueError(f"dst: expected one of {TARGETS}, got {dst!r}")
+    return fn(pred, src, x_t, alpha, sigma)
+
+
+def _snr_weight(weighting: str, logsnr: Tensor, sigma_data: float, gamma: float) -> Tensor:
+    lam = logsnr.clamp(-LOGSNR_LIMIT, LOGSNR_LIMIT)
+    snr = torch.exp(lam)
+    if weighting in ("eps", "snr"):
+        return snr
+    if weighting == "x0":
+        return torch.ones_like(snr)
+    if weighting in ("v", "edm"):
+        # 1 / c_out^2 in sigma_ve = exp(-lam/2): (sigma_ve^2 + sd^2) / (sigma_ve sd)^2 = 1/sd^2 + snr
+        return 1.0 / sigma_data**2 + snr
+    if weighting == "min_snr":
+        return snr.clamp(max=gamma)
+    raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def loss_weight(weighting: str, logsnr: Tensor, sigma_data: float = 1.0, gamma: float = 5.0) -> Tensor:
+    """Weight w(logsnr) of ||denoised - x0||^2 for a named weighting ('target' is not resolved here)."""
+    return _snr_weight(weighting, logsnr, sigma_data, gamma)
+
+
+class Denoiser(nn.Module):
+    """Wraps a backbone with preconditioning and the loss (cf. EDM's ``EDMPrecond``, k-diffusion's ``Denoiser``)."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        schedule: Schedule | str = "cosine",
+        target: Target = "v",
+        weighting: Weighting = "target",
+        sigma_data: float = 1.0,
+        min_snr_gamma: float = 5.0,
+        t_sampling: Literal["uniform", "lognormal"] = "uniform",
+        t_min: float = 1e-4,
+        lognormal_mean: float = -1.2,
+        lognormal_std: float = 1.2,
+        cond_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
+        if t_sampling not in ("uniform", "lognormal"):
+            raise ValueError(f"t_sampling: expected 'uniform' or 'lognormal', got {t_sampling!r}")
+        if not 0.0 <= cond_drop <= 1.0:
+            raise ValueError(f"cond_drop: expected a probability in [0, 1], got {cond_drop}")
+        if sigma_data <= 0:
+            raise ValueError(f"sigma_data: expected > 0, got {sigma_data}")
+        self.backbone = backbone
+        self.schedule = get_schedule(schedule)
+        self.target = target
+        self.weighting = target if weighting == "target" else weighting
+        self.sigma_data = sigma_data
+        self.min_snr_gamma = min_snr_gamma
+        self.t_sampling = t_sampling
+        self.t_min = t_min
+        self.lognormal_mean = lognormal_mean
+        self.lognormal_std = lognormal_std
+        self.cond_drop = cond_drop
+
+    @classmethod
+    def from_config(cls, backbone: nn.Module, cfg: DiffusionConfig) -> "Denoiser":
+        """Build from a ``DiffusionConfig``."""
+        return cls(
+            backbone,
+            cfg.build_schedule(),
+            target=cfg.target,
+            weighting=cfg.weighting,
+            sigma_data=cfg.sigma_data,
+            min_snr_gamma=cfg.min_snr_gamma,
+            t_sampling=cfg.t_sampling,
+            t_min=cfg.t_min,
+            lognormal_mean=cfg.lognormal_mean,
+            lognormal_std=cfg.lognormal_std,
+            cond_drop=cfg.cond_drop,
+        )
+
+    # --- preconditioning -------------------------------------------------------------------------
+
+    def _coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        t64 = t.detach().to(torch.float64)
+        return self.schedule.alpha(t64), self.schedule.sigma(t64), self.schedule.logsnr(t64)
+
+    def _per_sample(self, t: Tensor | float, num: int, device: torch.device) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64, device=device)
+        if t.ndim == 0:
+            t = t.expand(num)
+        if t.shape != (num,):
+            raise ValueError(f"t: expected a scalar or one time per sample ({num}), got shape {tuple(t.shape)}")
+        return t
+
+    def _expand(self, v: Tensor, x: Tensor, space: Space | None) -> Tensor:
+        """Per-sample coefficient [B] -> broadcastable against x (graph spaces index by ``batch``)."""
+        batch = getattr(space, "batch", None)
+        if batch is not None:
+            v = v[batch.to(v.device)]
+        return append_dims(v, x.ndim)
+
+    def forward(
+        self, x: Tensor, t: Tensor | float, cond: dict[str, Tensor] | None = None, *, space: Space | None = None, **kwargs: Any
+    ) -> Tensor:
+        """The x0 estimate D(x_t, t) in fp32; ``space`` maps per-sample t to rows (graph batches)."""
+        num = space.num_samples if space is not None and space.num_samples is not None else x.shape[0]
+        t = self._per_sample(t, num, x.device)
+        alpha, sigma, logsnr = self._coefficients(t)
+        a, s = self._expand(alpha, x, space), self._expand(sigma, x, space)
+        sd = self.sigma_data
+        r2 = a**2 * sd**2 + s**2
+        x64 = x.to(torch.float64)
+        c_in = r2.rsqrt()
+        c_noise = (-logsnr.clamp(-LOGSNR_LIMIT, LOGSNR_LIMIT) / 8).to(torch.float32)  # EDM: ln(sigma_ve) / 4
+        out = self.backbone((c_in * x64).to(torch.float32), c_noise, cond, **kwargs).to(torch.float64)
+        if self.target == "eps":
+            d = (x64 - s * out) / a
+        elif self.target == "x0":
+            d = out
+        else:
+            d = (sd**2 * a / r2) * x64 - (s * sd / r2.sqrt()) * out
+        return d.to(torch.float32) if x.dtype != torch.float64 else d
+
+    def bind(self, cond: dict[str, Tensor] | None = None, *, space: Space | None = None, **kwargs: Any):
+        """A sampler-ready ``denoise(x, t)`` with conditions and backbone kwargs fixed."""
+
+        def denoise(x: Tensor, t: Tensor) -> Tensor:
+            return self(x, t, cond, space=space, **kwargs)
+
+        return denoise
+
+    # --- training -----------------------------------------------------------------------------
+
+    def sample_t(self, num: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Tensor:
+        """Training times: uniform on [t_min, 1], or EDM's log-normal sigma_ve (P_mean, P_std) mapped to t."""
+        if self.t_sampling == "uniform":
+            u = torch.rand(num, generator=generator, dtype=torch.float64)
+            t = self.t_min + (1 - self.t_min) * u
+        else:
+            n = torch.randn(num, generator=generator, dtype=torch.float64)
+            sve = torch.exp(self.lognormal_mean + self.lognormal_std * n)
+            t = self.schedule.t_from_sigma_ve(sve).clamp(self.t_min, 1.0)
+        return t.to(device)
+
+    def loss(
+        self,
+        x0: Tensor,
+        cond: dict[str, Tensor] | None = None,
+        *,
+        space: Space | None = None,
+        generator: torch.Generator | None = None,
+        reduce: bool = True,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Weighted denoising loss (mean over samples, or per sample when reduce=False)."""
+        from .guidance import drop_conditions
+
+        space = space if space is not None else Euclidean()
+        space.check(x0, "x0")
+        if not torch.isfinite(x0).all():
+            raise FloatingPointError("x0: the training batch contains NaN or inf")
+        num = space.num_samples if space.num_samples is not None else x0.shape[0]
+        t = self.sample_t(num, x0.device, generator)
+        noise = space.randn_like(x0, generator)
+        x0 = space.project(x0)
+        alpha, sigma, logsnr = self._coefficients(t)
+        a, s = self._expand(alpha, x0, space), self._expand(sigma, x0, space)
+        x_t = (a * x0 + s * noise).to(x0.dtype)
+        if cond is not None and self.cond_drop > 0:
+            cond = drop_conditions(cond, self.cond_drop, num, generator=generator)
+        d = self.forward(x_t, t, cond, space=space, **kwargs).to(torch.float64)
+        x0_64 = x0.to(torch.float64)
+        w = _snr_weight(self.weighting, logsnr, self.sigma_data, self.min_snr_gamma)
+        per_sample = (w * space.mean_per_sample((d - x0_64) ** 2)).to(torch.float32)
+        return per_sample.mean() if reduce else per_sample
+
+    def extra_repr(self) -> str:
+        return f"schedule={self.schedule!r}, target={self.target!r}, weighting={self.weighting!r}, sigma_data={self.sigma_data}"

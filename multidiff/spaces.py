@@ -1,0 +1,240 @@
+"""Where noise lives: samplers and losses draw noise, project and average only through a ``Space``.
+
+- ``Euclidean``: a batch [B, ...]; each sample is one element of the batch.
+- ``Graph``: node rows [N, D] grouped into B graphs by a PyG-style ``batch`` index.
+- ``ZeroCoM``: like ``Graph`` (or padded [B, N, D] with a node mask) but restricted to the
+  subspace where each graph's centre of mass is zero (Satorras et al. 2021; Hoogeboom et al. 2022).
+- ``Masked``: a padded batch [B, N, ...] where only ``mask`` entries exist.
+- ``Product``: slices of the last dimension that live in different spaces (positions x features).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Space", "Euclidean", "Graph", "ZeroCoM", "Masked", "Product"]
+
+
+class Space(ABC):
+    """A linear subspace of tensors of one shape, with per-sample reductions."""
+
+    @property
+    @abstractmethod
+    def num_samples(self) -> int | None:
+        """B, the number of independent samples (None if any leading size is allowed)."""
+
+    @abstractmethod
+    def project(self, x: Tensor) -> Tensor:
+        """Orthogonal projection onto the space."""
+
+    @abstractmethod
+    def sum_per_sample(self, x: Tensor) -> Tensor:
+        """Sum of the elements of each sample that belong to the space: [B]."""
+
+    @abstractmethod
+    def count_per_sample(self, x: Tensor) -> Tensor:
+        """Number of entries of each sample counted by ``sum_per_sample``: [B]."""
+
+    @abstractmethod
+    def dof(self, x: Tensor) -> Tensor:
+        """Degrees of freedom (dimension of the subspace) per sample: [B]."""
+
+    def check(self, x: Tensor, name: str = "x") -> None:
+        """Raise ValueError when ``x`` cannot live in this space."""
+
+    def randn_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Standard normal noise in the space (an isotropic Gaussian on the subspace)."""
+        self.check(x)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return self.project(noise)
+
+    def mean_per_sample(self, x: Tensor) -> Tensor:
+        """Mean over each sample's entries: [B]."""
+        return self.sum_per_sample(x) / self.count_per_sample(x)
+
+
+class Euclidean(Space):
+    """All of R^{B x ...}: identity projection, per-sample means over every non-batch dimension."""
+
+    @property
+    def num_samples(self) -> int | None:
+        return None
+
+    def project(self, x: Tensor) -> Tensor:
+        return x
+
+    def check(self, x: Tensor, name: str = "x") -> None:
+        if x.ndim < 1:
+            raise ValueError(f"{name}: expected a batch with a leading sample dimension, got a scalar")
+
+    def sum_per_sample(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], -1).sum(1)
+
+    def count_per_sample(self, x: Tensor) -> Tensor:
+        n = x[0].numel() if x.shape[0] else 0
+        return torch.full((x.shape[0],), n, dtype=x.dtype, device=x.device)
+
+    def dof(self, x: Tensor) -> Tensor:
+        return self.count_per_sample(x)
+
+    def __repr__(self) -> str:
+        return "Euclidean()"
+
+
+def _check_batch(batch: Tensor) -> None:
+    if batch.ndim != 1 or batch.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"batch: expected a 1-D integer graph index, got shape {tuple(batch.shape)} {batch.dtype}")
+
+
+class Graph(Space):
+    """Node rows x [N, D] of B graphs given by ``batch`` [N] (PyG ``Batch.batch``); no constraint."""
+
+    def __init__(self, batch: Tensor, num_graphs: int | None = None) -> None:
+        _check_batch(batch)
+        self.batch = batch.long()
+        self._num_graphs = int(num_graphs if num_graphs is not None else (int(batch.max()) + 1 if batch.numel() else 0))
+        self.nodes = torch.bincount(self.batch, minlength=self._num_graphs)
+
+    @property
+    def num_samples(self) -> int:
+        return self._num_graphs
+
+    def check(self, x: Tensor, name: str = "x") -> None:
+        if x.ndim != 2 or x.shape[0] != self.batch.shape[0]:
+            raise ValueError(
+                f"{name}: expected node rows of shape [N={self.batch.shape[0]}, D], got {tuple(x.shape)}"
+            )
+
+    def project(self, x: Tensor) -> Tensor:
+        return x
+
+    def _segment_sum(self, x: Tensor) -> Tensor:
+        out = torch.zeros((self._num_graphs,) + x.shape[1:], dtype=x.dtype, device=x.device)
+        return out.index_add_(0, self.batch.to(x.device), x)
+
+    def sum_per_sample(self, x: Tensor) -> Tensor:
+        return self._segment_sum(x).reshape(self._num_graphs, -1).sum(1)
+
+    def count_per_sample(self, x: Tensor) -> Tensor:
+        return (self.nodes.to(x.device) * x[0].numel()).to(x.dtype)
+
+    def dof(self, x: Tensor) -> Tensor:
+        return self.count_per_sample(x)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_graphs={self._num_graphs}, nodes={self.batch.shape[0]})"
+
+
+class ZeroCoM(Graph):
+    """Node positions with zero centre of mass per graph: the (n-1)*D dimensional subspace of R^{n x D}."""
+
+    def project(self, x: Tensor) -> Tensor:
+        self.check(x)
+        nodes = self.nodes.to(x.device).clamp_min(1).to(x.dtype)
+        mean = self._segment_sum(x) / nodes.unsqueeze(-1)
+        return x - mean[self.batch.to(x.device)]
+
+    def dof(self, x: Tensor) -> Tensor:
+        return ((self.nodes.to(x.device) - 1).clamp_min(0) * x.shape[1]).to(x.dtype)
+
+    def centre_of_mass(self, x: Tensor) -> Tensor:
+        """Per-graph mean position [B, D]."""
+        nodes = self.nodes.to(x.device).clamp_min(1).to(x.dtype)
+        return self._segment_sum(x) / nodes.unsqueeze(-1)
+
+
+class Masked(Space):
+    """A padded batch x [B, N, ...] where ``mask`` [B, N] marks the entries that exist; padding stays zero."""
+
+    def __init__(self, mask: Tensor, zero_com: bool = False) -> None:
+        if mask.ndim != 2 or mask.dtype != torch.bool:
+            raise ValueError(f"mask: expected a [B, N] bool tensor, got shape {tuple(mask.shape)} {mask.dtype}")
+        self.mask = mask
+        self.zero_com = zero_com
+
+    @property
+    def num_samples(self) -> int:
+        return self.mask.shape[0]
+
+    def check(self, x: Tensor, name: str = "x") -> None:
+        if tuple(x.shape[:2]) != tuple(self.mask.shape):
+            raise ValueError(f"{name}: expected leading shape {tuple(self.mask.shape)} (the mask), got {tuple(x.shape)}")
+
+    def _m(self, x: Tensor) -> Tensor:
+        return self.mask.to(x.device).reshape(self.mask.shape + (1,) * (x.ndim - 2)).to(x.dtype)
+
+    def project(self, x: Tensor) -> Tensor:
+        self.check(x)
+        m = self._m(x)
+        x = x * m
+        if self.zero_com:
+            n = m.sum(1, keepdim=True).clamp_min(1)
+            x = (x - x.sum(1, keepdim=True) / n) * m
+        return x
+
+    def sum_per_sample(self, x: Tensor) -> Tensor:
+        return (x * self._m(x)).reshape(x.shape[0], -1).sum(1)
+
+    def count_per_sample(self, x: Tensor) -> Tensor:
+        per_node = x[0, 0].numel() if x.shape[1] else 0
+        return self.mask.to(x.device).sum(1).to(x.dtype) * per_node
+
+    def dof(self, x: Tensor) -> Tensor:
+        per_node = x[0, 0].numel() if x.shape[1] else 0
+        n = self.mask.to(x.device).sum(1)
+        if self.zero_com:
+            n = (n - 1).clamp_min(0)
+        return (n * per_node).to(x.dtype)
+
+    def __repr__(self) -> str:
+        return f"Masked(shape={tuple(self.mask.shape)}, zero_com={self.zero_com})"
+
+
+class Product(Space):
+    """Slices of the last dimension living in different spaces, e.g. positions (ZeroCoM) x atom features (Graph)."""
+
+    def __init__(self, parts: Sequence[tuple[slice, Space]]) -> None:
+        if not parts:
+            raise ValueError("Product: needs at least one (slice, space) part")
+        self.parts = list(parts)
+
+    @property
+    def num_samples(self) -> int | None:
+        return self.parts[0][1].num_samples
+
+    def check(self, x: Tensor, name: str = "x") -> None:
+        covered = sum(len(range(*sl.indices(x.shape[-1]))) for sl, _ in self.parts)
+        if covered != x.shape[-1]:
+            raise ValueError(f"{name}: Product slices cover {covered} of the {x.shape[-1]} entries of the last dimension")
+        for sl, space in self.parts:
+            space.check(x[..., sl], name)
+
+    def _map(self, x: Tensor, fn_name: str) -> Tensor:
+        return torch.cat([getattr(space, fn_name)(x[..., sl]) for sl, space in self.parts], dim=-1)
+
+    def project(self, x: Tensor) -> Tensor:
+        return self._map(x, "project")
+
+    def randn_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        self.check(x)
+        return torch.cat([space.randn_like(x[..., sl], generator) for sl, space in self.parts], dim=-1)
+
+    def _total(self, x: Tensor, fn_name: str) -> Tensor:
+        return sum(getattr(space, fn_name)(x[..., sl]) for sl, space in self.parts)  # type: ignore[return-value]
+
+    def sum_per_sample(self, x: Tensor) -> Tensor:
+        return self._total(x, "sum_per_sample")
+
+    def count_per_sample(self, x: Tensor) -> Tensor:
+        return self._total(x, "count_per_sample")
+
+    def dof(self, x: Tensor) -> Tensor:
+        return self._total(x, "dof")
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"[{sl.start}:{sl.stop}] {space!r}" for sl, space in self.parts)
+        return f"Product({inner})"
