@@ -1,0 +1,706 @@
+"""One Trainer for any `nn.Module` + loss function: AdamW, warm-up + cosine LR, EMA, clipping, bf16 autocast,
+gradient accumulation, resumable atomic checkpoints, JSONL (+TensorBoard) logs, rich progress, torchrun DDP.
+
+Batch semantics: `batch_size` is the *global* micro-batch. Under torchrun each of the W processes takes its own
+`batch_size / W` slice of it, so one config trains the same model (up to float rounding) on 1 or W processes.
+One optimizer step consumes `batch_size * grad_accum` samples.
+
+Reproducibility: all randomness of `loss_fn` must use the global torch RNG (and/or numpy / `random`); those states,
+the optimizer, LR schedule, EMA and data position (epoch, batch within epoch) are checkpointed, so a run resumed
+from any checkpoint ends bit-identical to one that was never interrupted (same machine, same world size).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from multidiff import checkpoint as ckpt_io
+from multidiff.config import config_to_dict, config_to_yaml
+from multidiff.distributed import (
+    DistEnv,
+    all_gather_object,
+    all_reduce_sum,
+    broadcast_object,
+    destroy_distributed,
+    dist_env,
+    init_distributed,
+    resolve_device,
+)
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "NonFiniteLossError", "lr_factor", "seed_everything"]
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "log.jsonl"
+CONFIG_FILE = "config.yaml"
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimization, budget, logging and checkpointing settings of a training run."""
+
+    steps: int = 10_000
+    max_minutes: float | None = None
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 500
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3
+    eval_every: int = 0
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        """Reject values no run could use."""
+        checks = [
+            ("steps", self.steps >= 0, ">= 0"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1]"),
+            ("ema_decay", 0.0 <= self.ema_decay <= 1.0, "in [0, 1]"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("log_every", self.log_every >= 1, ">= 1"),
+            ("keep_checkpoints", self.keep_checkpoints >= 0, ">= 0 (0 keeps all)"),
+            ("num_workers", self.num_workers >= 0, ">= 0"),
+            ("max_minutes", self.max_minutes is None or self.max_minutes > 0, "> 0 or null"),
+        ]
+        bad = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, ok, rule in checks if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
+
+
+@dataclass
+class TrainResult:
+    """What `Trainer.fit` returns."""
+
+    step: int
+    loss: float | None
+    elapsed_s: float
+    stopped: Literal["steps", "time"]
+    checkpoint: Path | None
+    log_path: Path | None
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient became NaN/inf; training stops before the bad update is applied."""
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """LR multiplier for optimizer update number `step` (0-based): linear warm-up, then cosine to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and `random`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- RNG state as weights_only-loadable data -------------------------------------------------------------------------
+
+
+def _capture_rng(device: torch.device) -> dict[str, Any]:
+    """All global RNG states as tensors/lists/ints (loadable with torch.load(weights_only=True))."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(state: Mapping[str, Any], device: torch.device) -> None:
+    """Inverse of `_capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+class _ShardedBatches:
+    """Infinite index batches: epoch e is randperm(seed + e); each global batch is split into per-rank slices."""
+
+    def __init__(self, n: int, global_batch: int, env: DistEnv, seed: int, epoch: int, index: int) -> None:
+        self.n, self.global_batch, self.env, self.seed = n, global_batch, env, seed
+        self.epoch, self.index = epoch, index
+        self.per_epoch = n // global_batch
+        self.per_rank = global_batch // env.world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, index = self.epoch, self.index
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            for i in range(index, self.per_epoch):
+                start = i * self.global_batch + self.env.rank * self.per_rank
+                yield order[start : start + self.per_rank].tolist()
+            epoch, index = epoch + 1, 0
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Move tensors (in dicts/lists/tuples, or objects with `.to`) to a device."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        moved = {k: _to_device(v, device) for k, v in batch.items()}
+        try:
+            return type(batch)(moved)  # type: ignore[call-arg]
+        except TypeError:
+            return moved
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    if hasattr(batch, "to") and callable(batch.to):
+        return batch.to(device)
+    return batch
+
+
+class _DataStream:
+    """Batches in a deterministic order that depends only on (seed, epoch, index), resumable at any batch."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        cfg: TrainConfig,
+        env: DistEnv,
+        collate_fn: Callable[[list[Any]], Any] | None,
+        device: torch.device,
+        epoch: int,
+        index: int,
+    ) -> None:
+        if not hasattr(dataset, "__len__"):
+            raise TypeError("Trainer needs a map-style dataset with __len__ and __getitem__")
+        n = len(dataset)  # type: ignore[arg-type]
+        if n < cfg.batch_size:
+            raise ValueError(f"the dataset has {n} samples, fewer than one batch (train.batch_size={cfg.batch_size})")
+        sampler = _ShardedBatches(n, cfg.batch_size, env, cfg.seed, epoch, index)
+        self.per_epoch = sampler.per_epoch
+        self.epoch, self.index = epoch, index
+        self.device = device
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,  # type: ignore[arg-type]
+            collate_fn=collate_fn or default_collate,
+            num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed),  # keeps DataLoader off the global RNG
+        )
+        self._it: Iterator[Any] | None = iter(self.loader)
+
+    def next(self) -> Any:
+        """The next micro-batch on the device; advances the position."""
+        assert self._it is not None
+        batch = next(self._it)
+        self.index += 1
+        if self.index == self.per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        return _to_device(batch, self.device)
+
+    def position(self) -> dict[str, int]:
+        """(epoch, batch index within epoch) of the next batch to be consumed."""
+        return {"epoch": self.epoch, "index": self.index}
+
+    def close(self) -> None:
+        """Stop loader workers."""
+        self._it = None
+
+
+# --- precision ----------------------------------------------------------------------------------------------------
+
+
+def _to_fp32(out: Any) -> Any:
+    """Cast low-precision floating tensors in a (nested) output to float32."""
+    if isinstance(out, Tensor):
+        return out.float() if out.is_floating_point() and out.dtype != torch.float64 else out
+    if isinstance(out, Mapping):
+        return type(out)({k: _to_fp32(v) for k, v in out.items()})  # type: ignore[call-arg]
+    if isinstance(out, (list, tuple)) and not hasattr(out, "_fields"):
+        return type(out)(_to_fp32(v) for v in out)
+    return out
+
+
+class _AutocastForward(nn.Module):
+    """Runs the wrapped module's forward under bf16 autocast and returns fp32 outputs (so the loss is fp32)."""
+
+    def __init__(self, module: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.module = module
+        self.device_type = device_type
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Autocast forward, fp32 result."""
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            out = self.module(*args, **kwargs)
+        return _to_fp32(out)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+
+# --- logging / progress -------------------------------------------------------------------------------------------
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only well-formed records up to `step` (drops lines written after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class _RunLog:
+    """JSONL log (always) and TensorBoard scalars (when the package is installed); main process only."""
+
+    def __init__(self, out_dir: Path, start_step: int) -> None:
+        self.path = out_dir / LOG_FILE
+        _truncate_log(self.path, start_step)
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tb: Any = None
+        if importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (flushed, so a kill loses at most the line being written)."""
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        """Flush and close."""
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _Progress:
+    """A rich progress bar with loss, steps/s and ETA; inert when disabled."""
+
+    def __init__(self, enabled: bool, total: int, completed: int) -> None:
+        self.bar: Any = None
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.console import Console
+
+        self.bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4g}"),
+            TextColumn("{task.fields[sps]:.1f} steps/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.bar.add_task("train", total=total, completed=completed, loss=float("nan"), sps=0.0)
+        self.bar.start()
+
+    def update(self, step: int, loss: float, sps: float) -> None:
+        """Advance to `step`."""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=loss, sps=sps)
+
+    def close(self) -> None:
+        """Stop rendering."""
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --- trainer ------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains `model` by minimizing `loss_fn(model, batch)` over `dataset`; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, Any], Tensor],
+        dataset: Dataset,
+        cfg: TrainConfig,
+        out_dir: Path,
+        *,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        run_config: dict[str, Any] | None = None,
+        eval_fn: Callable[[nn.Module, int], dict[str, float]] | None = None,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.loss_fn = loss_fn
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        # normalized through JSON so it compares equal to the copy read back from a checkpoint
+        self.run_config: dict[str, Any] = json.loads(
+            json.dumps(config_to_dict(run_config if run_config is not None else {"train": cfg}))
+        )
+        self.eval_fn = eval_fn
+        self.progress = progress
+        self.env = dist_env()
+        self.device = resolve_device(device, self.env)
+        self.model = model.to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.scheduler = LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        self.ema.requires_grad_(False)
+        self.step = 0
+
+    @property
+    def ema_model(self) -> nn.Module:
+        """The EMA copy of the model (what sampling should use)."""
+        return self.ema.module
+
+    # -- entry point --
+
+    def fit(self, resume: bool | Path | str = False) -> TrainResult:
+        """Train until `cfg.steps` or `cfg.max_minutes`; `resume=True` continues from the newest good checkpoint."""
+        env, created = init_distributed(self.device)
+        self.env = env
+        try:
+            return self._fit(resume)
+        finally:
+            if created:
+                destroy_distributed()
+
+    def _fit(self, resume: bool | Path | str) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        if cfg.batch_size % env.world_size:
+            raise ValueError(
+                f"train.batch_size={cfg.batch_size} (the global batch) must be divisible by the "
+                f"number of processes ({env.world_size})"
+            )
+        if env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_io.remove_stale_temporaries(self.out_dir)
+        chosen = self._choose_checkpoint(resume)
+        start_step, elapsed_before, position = 0, 0.0, {"epoch": 0, "index": 0}
+        if chosen is not None:
+            start_step, elapsed_before, position = self._load(chosen)
+        else:
+            seed_everything(cfg.seed + env.rank)
+        self.step = start_step
+
+        net: nn.Module = self.model
+        if cfg.precision == "bf16":
+            net = _AutocastForward(net, self.device.type)
+        if env.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(net, device_ids=[self.device] if self.device.type == "cuda" else None)
+        stream = _DataStream(self.dataset, cfg, env, self.collate_fn, self.device, **position)
+
+        runlog: _RunLog | None = None
+        if env.is_main:
+            if chosen is not None and chosen.parent == ckpt_io.checkpoints_root(self.out_dir):
+                for p in ckpt_io.set_aside_newer(self.out_dir, start_step):
+                    log.warning("set aside %s (newer than the checkpoint resumed from)", p)
+            ckpt_io._write_text_durable(self.out_dir / CONFIG_FILE, config_to_yaml(self.run_config))
+            runlog = _RunLog(self.out_dir, start_step)
+            runlog.write({"step": start_step, "event": "resume" if chosen else "start", "world_size": env.world_size,
+                          **({"checkpoint": str(chosen)} if chosen else {})})
+        show = self.progress and env.is_main and sys.stderr.isatty()
+        bar = _Progress(show, cfg.steps, start_step)
+
+        budget_s = cfg.max_minutes * 60.0 if cfg.max_minutes is not None else math.inf
+        t0 = time.perf_counter()
+
+        def elapsed() -> float:
+            return elapsed_before + time.perf_counter() - t0
+
+        stopped: Literal["steps", "time"] = "time" if elapsed_before >= budget_s else "steps"
+        last_loss: float | None = None
+        last_ckpt: Path | None = chosen
+        win_loss, win_n, win_t = 0.0, 0, time.perf_counter()
+        self.model.train()
+        try:
+            while self.step < cfg.steps and stopped == "steps":
+                loss, gnorm, lr, time_up = self._train_step(net, stream, elapsed() >= budget_s)
+                self.step += 1
+                last_loss = loss
+                win_loss, win_n = win_loss + loss, win_n + 1
+                if time_up:
+                    stopped = "time"
+                final = self.step >= cfg.steps or stopped == "time"
+                record: dict[str, Any] = {}
+                if self.step % cfg.log_every == 0 or final:
+                    now = time.perf_counter()
+                    sps = win_n / max(now - win_t, 1e-9)
+                    record.update(
+                        loss=win_loss / win_n, lr=lr, grad_norm=gnorm, steps_per_s=sps,
+                        samples_per_s=sps * cfg.batch_size * cfg.grad_accum, epoch=stream.epoch,
+                        wall_s=round(elapsed(), 3),
+                    )
+                    bar.update(self.step, win_loss / win_n, sps)
+                    win_loss, win_n, win_t = 0.0, 0, now
+                if self.eval_fn is not None and cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or final):
+                    if env.is_main:
+                        record.update({f"eval/{k}": float(v) for k, v in self._evaluate().items()})
+                if record and runlog is not None:
+                    runlog.write({"step": self.step, **record})
+                if (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0) or final:
+                    last_ckpt = self._save(stream, elapsed())
+        except NonFiniteLossError as e:
+            if runlog is not None:
+                runlog.write({"step": self.step + 1, "event": "error", "error": str(e)})
+            raise
+        finally:
+            bar.close()
+            stream.close()
+            if runlog is not None:
+                runlog.close()
+        return TrainResult(
+            step=self.step,
+            loss=last_loss,
+            elapsed_s=elapsed(),
+            stopped=stopped,
+            checkpoint=last_ckpt if env.is_main else None,
+            log_path=(self.out_dir / LOG_FILE) if env.is_main else None,
+        )
+
+    # -- one optimizer step --
+
+    def _train_step(self, net: nn.Module, stream: _DataStream, time_up: bool) -> tuple[float, float, float, bool]:
+        """Accumulate `grad_accum` micro-batches, check for NaN, clip, step; returns (loss, grad norm, lr, time_up)."""
+        cfg = self.cfg
+        k = cfg.grad_accum
+        ddp = self.env.enabled
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for j in range(k):
+            batch = stream.next()
+            with net.no_sync() if (ddp and j < k - 1) else nullcontext():  # type: ignore[operator]
+                loss = self.loss_fn(net, batch)
+                if not isinstance(loss, Tensor) or loss.numel() != 1:
+                    raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+                loss = loss.float().reshape(())
+                (loss / k).backward()
+            loss_sum += loss.detach()
+        stats = torch.stack([loss_sum / k, torch.tensor(float(time_up), device=self.device)])
+        all_reduce_sum(stats)  # every rank sees the same mean loss, so all stop together on NaN
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        loss_v, flag, gnorm_v = torch.cat([stats, gnorm.reshape(1).to(stats)]).tolist()
+        loss_v /= self.env.world_size
+        if not math.isfinite(loss_v):
+            raise NonFiniteLossError(
+                f"loss is {loss_v} at step {self.step + 1} (data epoch {stream.epoch}); stopped before the update, "
+                f"the last checkpoint is untouched"
+            )
+        if not math.isfinite(gnorm_v):
+            raise NonFiniteLossError(
+                f"gradient norm is {gnorm_v} at step {self.step + 1} (loss {loss_v:.6g}); stopped before the update"
+            )
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update_parameters(self.model)
+        return loss_v, gnorm_v, lr, flag > 0
+
+    # -- evaluation --
+
+    def _evaluate(self) -> dict[str, float]:
+        """Run eval_fn on the EMA model with forked RNGs, so evaluation never shifts the training random stream."""
+        assert self.eval_fn is not None
+        np_state, py_state = np.random.get_state(), random.getstate()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed + self.step)
+            self.ema.module.eval()
+            try:
+                metrics = self.eval_fn(self.ema.module, self.step)
+            finally:
+                self.ema.module.train()
+                np.random.set_state(np_state)
+                random.setstate(py_state)
+        return dict(metrics or {})
+
+    # -- checkpoints --
+
+    def _choose_checkpoint(self, resume: bool | Path | str) -> Path | None:
+        """Pick the checkpoint to resume from on rank 0 and share the decision (or the error) with all ranks."""
+        decision: Path | Exception | None = None
+        if self.env.is_main:
+            try:
+                decision = self._find_resume_checkpoint(resume)
+            except Exception as e:  # broadcast so that every rank raises, instead of the others hanging
+                decision = e
+        decision = broadcast_object(decision)
+        if isinstance(decision, Exception):
+            raise decision
+        return decision
+
+    def _find_resume_checkpoint(self, resume: bool | Path | str) -> Path | None:
+        """Resolve `resume` to a verified checkpoint dir (rank 0)."""
+        if resume is False or resume is None:
+            existing = ckpt_io.list_checkpoints(self.out_dir)
+            if existing:
+                raise FileExistsError(
+                    f"{self.out_dir} already holds checkpoints (latest {existing[-1][1].name}); "
+                    f"resume it (--resume / fit(resume=True)) or choose another output directory"
+                )
+            return None
+        if resume is True:
+            found = ckpt_io.find_latest_checkpoint(self.out_dir)
+            if found is None:
+                log.info("no checkpoint in %s; starting from scratch", self.out_dir)
+            return found
+        path = Path(resume)
+        if not path.exists():
+            raise ckpt_io.CheckpointNotFoundError(f"checkpoint to resume from not found: {path}")
+        if path.is_file():
+            raise ckpt_io.CheckpointError(
+                f"{path}: resuming needs a checkpoint directory (with {ckpt_io.STATE_FILE}), not a weights file"
+            )
+        if (path / ckpt_io.MANIFEST_FILE).exists() or (path / ckpt_io.WEIGHTS_FILE).exists():
+            ckpt_io.verify_checkpoint(path)  # an explicitly named checkpoint must be intact: no silent fallback
+            return path
+        found = ckpt_io.find_latest_checkpoint(path)
+        if found is None:
+            raise ckpt_io.CheckpointNotFoundError(f"no checkpoint under {path}")
+        return found
+
+    def _load(self, ckpt_dir: Path) -> tuple[int, float, dict[str, int]]:
+        """Restore weights, EMA, optimizer, schedule, RNG and data position; returns (step, elapsed_s, position)."""
+        model_state, ema_state, saved_config, _meta = ckpt_io.load_weights(ckpt_dir / ckpt_io.WEIGHTS_FILE)
+        state = ckpt_io.load_training_state(ckpt_dir)
+        self.model.load_state_dict(model_state)
+        self.ema.module.load_state_dict(ema_state if ema_state is not None else model_state)
+        self.ema.n_averaged.fill_(int(state["ema_n_averaged"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rngs = state["rng"]
+        if len(rngs) == self.env.world_size:
+            _restore_rng(rngs[self.env.rank], self.device)
+        else:
+            if self.env.is_main:
+                warnings.warn(
+                    f"{ckpt_dir} was written by {len(rngs)} process(es), this run has {self.env.world_size}: "
+                    f"random streams are re-seeded, so the run will not match an uninterrupted one bit for bit",
+                    stacklevel=3,
+                )
+            seed_everything(self.cfg.seed + self.env.rank + 1_000_003 * int(state["step"]))
+        if self.env.is_main and saved_config != self.run_config:
+            changed = _changed_keys(saved_config, self.run_config)
+            log.warning("resuming %s with a changed config: %s", ckpt_dir, ", ".join(changed) or "(structure)")
+        log.info("resumed from %s (step %d)", ckpt_dir, state["step"])
+        return int(state["step"]), float(state["elapsed_s"]), dict(state["data"])
+
+    def _save(self, stream: _DataStream, elapsed_s: float) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 writes; every rank contributes its RNG state)."""
+        rngs = all_gather_object(_capture_rng(self.device))
+        if not self.env.is_main:
+            return None
+        state = {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema_n_averaged": int(self.ema.n_averaged.item()),
+            "data": stream.position(),
+            "rng": rngs,
+            "world_size": self.env.world_size,
+            "elapsed_s": elapsed_s,
+        }
+        return ckpt_io.save_checkpoint(
+            self.out_dir,
+            self.step,
+            self.model,
+            self.ema.module,
+            state,
+            config=self.run_config,
+            extra_meta={"torch_version": torch.__version__},
+            keep=self.cfg.keep_checkpoints,
+        )
+
+
+def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _changed_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
