@@ -1,0 +1,297 @@
+"""The ``multidiff`` command line: train | sample | evaluate | data | info, each taking a DOMAIN."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+# glibc returns freed large blocks to the OS and re-zeroes them on every training step; keeping them
+# mapped speeds large-tensor torch code up 1.8-3.2x on CPU (see bench/*.py). Opt out: MULTIDIFF_MALLOC=system.
+MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+app = typer.Typer(
+    name="multidiff",
+    help="Conditional diffusion for audio waveforms and 3D molecules.\n\n"
+    "Examples:\n\n"
+    "  multidiff train audio                         # default recipe, embedded data\n\n"
+    "  multidiff train toy train.steps=400 --out runs/toy\n\n"
+    "  multidiff sample toy --checkpoint runs/toy --num 1000 --condition label=3\n\n"
+    "  multidiff evaluate toy runs/toy/samples\n\n"
+    "  multidiff info",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+DomainArg = Annotated[str, typer.Argument(help="Domain name: audio, molecules, toy (see `multidiff info`).")]
+ConfigOpt = Annotated[
+    Optional[str], typer.Option("--config", "-c", help="Recipe name in configs/DOMAIN/ (e.g. 'fast') or a YAML path.")
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")]
+
+
+def _console():  # rich is imported lazily so `--help` stays fast
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    _console().print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        _fail(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    return (ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError, KeyError)
+
+
+@app.command()
+def train(
+    domain: DomainArg,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.lr=3e-4 model.channels=64.")] = None,
+    config: ConfigOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (checkpoints, log.jsonl, config.yaml).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest good checkpoint in --out.")] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Overrides train.seed.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Wall-clock budget; overrides train.max_minutes.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Step budget; overrides train.steps.")] = None,
+    device: DeviceOpt = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train DOMAIN from a recipe; checkpoints carry the resolved config, so sampling needs only them.
+
+    Examples: `multidiff train toy train.steps=400 --out runs/toy`;
+    `multidiff train molecules --config fast --max-minutes 30`;
+    `torchrun --standalone --nproc_per_node=2 -m multidiff.cli train toy --out runs/ddp`.
+    """
+    from . import pipeline
+    from .registry import get_domain
+
+    try:
+        dom = get_domain(domain)
+        extra = list(overrides or [])
+        if seed is not None:
+            extra.append(f"train.seed={seed}")
+        if max_minutes is not None:
+            extra.append(f"train.max_minutes={max_minutes}")
+        if steps is not None:
+            extra.append(f"train.steps={steps}")
+        cfg = pipeline.load_run_config(dom, config, extra)
+        run_dir = out or Path("runs") / f"{domain}-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = pipeline.train(dom, cfg, run_dir, resume=resume, device=_resolve_device(device), progress=progress)
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"run": str(run_dir), "step": result.step, "loss": result.loss, "stopped": result.stopped,
+                          "checkpoint": str(result.checkpoint) if result.checkpoint else None}))
+
+
+def _parse_conditions(items: list[str] | None) -> dict[str, str]:
+    conditions = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--condition {item!r}: expected KEY=VALUE (e.g. label=7 or alpha=80)")
+        conditions[key.strip()] = value.strip()
+    return conditions
+
+
+@app.command()
+def sample(
+    domain: DomainArg,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Run dir, checkpoint dir or .safetensors; default: the shipped one.")] = None,
+    num: Annotated[Optional[int], typer.Option(help="How many samples (default: the recipe's sample.num).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps (grid intervals).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ancestral, ddim, euler, euler_maruyama, heun or dpmpp_2m.")] = None,
+    grid: Annotated[Optional[str], typer.Option(help="Step grid: uniform, logsnr or karras.")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (1 = plain conditional).")] = None,
+    condition: Annotated[Optional[list[str]], typer.Option("--condition", "--label", help="KEY=VALUE condition (repeatable); --label 7 is label=7.")] = None,
+    inpaint: Annotated[Optional[Path], typer.Option(help="A file whose known part is kept (audio WAV, molecule SDF/XYZ fragment).")] = None,
+    mask: Annotated[Optional[str], typer.Option(help="Span to regenerate for --inpaint, e.g. 0.3:0.5 (seconds).")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("samples"),
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same samples on CPU).")] = 0,
+    device: DeviceOpt = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Sample DOMAIN from a checkpoint; writes the domain's files and metrics.json into --out.
+
+    Examples: `multidiff sample toy --checkpoint runs/toy --num 1000 --condition label=3`;
+    `multidiff sample audio --label 7 --num 16 --steps 50 --guidance 2`.
+    """
+    import torch
+
+    from . import pipeline
+    from .registry import get_domain
+
+    try:
+        dev = _resolve_device(device)
+        dom = get_domain(domain)
+        ckpt = checkpoint if checkpoint is not None else _shipped_checkpoint(domain)
+        model = pipeline.load_model(ckpt, device=dev)
+        if model.domain.name != domain:
+            _fail(f"{ckpt}: this checkpoint is for domain {model.domain.name!r}, not {domain!r}")
+        scfg = model.cfg.sample
+        items = [c if "=" in c else f"label={c}" for c in (condition or [])]
+        conditions = _parse_conditions(items)
+        n = num if num is not None else scfg.num
+        request = dom.request(model.cfg, n, conditions, inpaint, mask, seed)
+        g = torch.Generator(device=dev).manual_seed(seed)
+        n_steps = steps if steps is not None else scfg.steps
+        with _progress(progress, n_steps, f"sampling {n} x {domain}") as cb:
+            x = pipeline.generate(model, request, sampler=sampler or scfg.sampler, steps=n_steps, grid=grid or scfg.grid,
+                                  guidance=guidance if guidance is not None else scfg.guidance, generator=g, callback=cb)
+        samples = dom.decode(x, request)
+        out.mkdir(parents=True, exist_ok=True)
+        files = dom.write(samples, out)
+        metrics = dom.evaluate(out, model.cfg)
+        pipeline.write_metrics(metrics, out / "metrics.json")
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    print(json.dumps({"out": str(out), "files": [str(f) for f in files] + [str(out / "metrics.json")], "metrics": metrics}, default=float))
+
+
+def _shipped_checkpoint(domain: str) -> Path:
+    path = Path(__file__).resolve().parents[1] / "data" / "checkpoints" / f"{domain}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no shipped checkpoint for {domain!r} at {path}; pass --checkpoint RUN_DIR (train one with `multidiff train {domain}`)")
+    return path
+
+
+class _progress:
+    """A rich progress bar fed by the sampler callback (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, label: str) -> None:
+        self.enabled, self.total, self.label = enabled and sys.stderr.isatty(), total, label
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total}",
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=_console())
+        self.bar.__enter__()
+        task = self.bar.add_task(self.label, total=self.total)
+        return lambda info: self.bar.update(task, completed=info.i + 1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+
+@app.command()
+def evaluate(
+    domain: DomainArg,
+    path: Annotated[Path, typer.Argument(help="Samples written by `multidiff sample` (a file or directory).")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Take the data settings from this run's config.")] = None,
+    config: ConfigOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the metrics JSON here too.")] = None,
+) -> None:
+    """Compute DOMAIN's metrics on samples; prints JSON.
+
+    Examples: `multidiff evaluate toy samples/`; `multidiff evaluate molecules samples/molecules.sdf`.
+    """
+    from . import pipeline
+    from .registry import get_domain
+
+    try:
+        dom = get_domain(domain)
+        cfg = pipeline.load_model(checkpoint).cfg if checkpoint is not None else pipeline.load_run_config(dom, config)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or directory")
+        metrics = dom.evaluate(path, cfg)
+        if out is not None:
+            pipeline.write_metrics(metrics, out)
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    print(json.dumps(metrics, default=float))
+
+
+@app.command()
+def data(
+    domain: DomainArg,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides of the data section.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Prepare / cache DOMAIN's data for a recipe (e.g. synthesise the spoken digits, convert QM9)."""
+    from . import pipeline
+    from .registry import get_domain
+
+    try:
+        dom = get_domain(domain)
+        summary = dom.prepare_data(pipeline.load_run_config(dom, config, list(overrides or [])))
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    print(json.dumps(summary, default=str))
+
+
+@app.command()
+def info() -> None:
+    """Registered domains, schedules, samplers, grids and installed versions."""
+    from .registry import available_domains
+    from .samplers import SAMPLERS
+    from .schedules import GRIDS, SCHEDULES
+
+    versions = {}
+    for pkg in ("multidiff", "torch", "torchaudio", "torch-geometric", "rdkit", "numpy", "safetensors", "espeakng-loader"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    print(json.dumps({
+        "domains": available_domains(),
+        "schedules": sorted(SCHEDULES),
+        "samplers": sorted(SAMPLERS),
+        "grids": sorted(GRIDS),
+        "versions": versions,
+        "python": platform.python_version(),
+        "malloc_tuning": os.environ.get("GLIBC_TUNABLES") == MALLOC_TUNABLES,
+    }, indent=2))
+
+
+def _maybe_tune_malloc() -> None:
+    """Re-exec once with glibc malloc tunables set (the process keeps its PID, so torchrun is unaffected)."""
+    if os.environ.get("MULTIDIFF_MALLOC", "tuned") != "tuned" or "GLIBC_TUNABLES" in os.environ:
+        return
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "multidiff.cli", *sys.argv[1:]], env)
+    except OSError:
+        return
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _maybe_tune_malloc()
+    app()
+
+
+if __name__ == "__main__":
+    main()

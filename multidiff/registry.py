@@ -1,0 +1,158 @@
+"""The Domain protocol and the registry of domains (entry-point group ``multidiff.domains``).
+
+A domain is one object that bundles what the core cannot know: how to build its dataset and backbone,
+how a collated batch maps to (x0, conditions, backbone kwargs) and to the space its noise lives in,
+how a sampling request is laid out, and how samples are decoded, written and evaluated.
+A third-party package registers a domain with
+
+    [project.entry-points."multidiff.domains"]
+    mydomain = "mypackage.domain:MyDomain"
+
+See ``multidiff/toy.py`` for a complete, small example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
+
+from .diffusion import Denoiser, DiffusionConfig
+from .spaces import Space
+from .training import TrainConfig
+
+__all__ = ["SampleConfig", "SampleRequest", "Domain", "get_domain", "available_domains", "run_config_class", "ENTRY_POINT_GROUP"]
+
+ENTRY_POINT_GROUP = "multidiff.domains"
+
+
+@dataclass
+class SampleConfig:
+    """Defaults of ``multidiff sample``: sampler, grid, steps, guidance scale, how many and in what batches."""
+
+    sampler: Literal["ancestral", "ddim", "euler", "euler_maruyama", "heun", "dpmpp_2m"] = "dpmpp_2m"
+    grid: Literal["uniform", "logsnr", "karras"] = "karras"
+    steps: int = 25
+    guidance: float = 1.0
+    num: int = 16
+    batch_size: int = 64
+
+
+@dataclass
+class SampleRequest:
+    """What the core needs to sample one batch: a template, its space, conditions and backbone kwargs."""
+
+    like: Tensor
+    space: Space
+    cond: dict[str, Tensor] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    known: Tensor | None = None  # inpainting: values to keep where ``mask`` is True
+    mask: Tensor | None = None
+    batched_cfg: bool = True  # False when x cannot simply be concatenated (graph batches)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Domain(ABC):
+    """One data modality: data adapters, backbone, space, sampling layout, metrics and writers."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    DataConfig: ClassVar[type]
+    ModelConfig: ClassVar[type]
+    default_recipe: ClassVar[str] = "default"
+
+    # --- data and model ---------------------------------------------------------------------------
+    @abstractmethod
+    def build_dataset(self, cfg: Any, split: str = "train") -> Dataset:
+        """The dataset of a split ('train', 'valid', 'test')."""
+
+    def collate(self, items: list[Any]) -> Any:
+        """Collate dataset items into a batch."""
+        return default_collate(items)
+
+    @abstractmethod
+    def build_backbone(self, cfg: Any) -> nn.Module:
+        """The backbone ``forward(x_in, noise_level, cond, **kwargs)``."""
+
+    @abstractmethod
+    def unpack(self, batch: Any) -> tuple[Tensor, dict[str, Tensor] | None, dict[str, Any]]:
+        """A collated batch -> (x0, conditions, backbone kwargs)."""
+
+    @abstractmethod
+    def space(self, batch: Any) -> Space:
+        """The space the noise of this batch lives in."""
+
+    def loss(self, denoiser: Denoiser, batch: Any) -> Tensor:
+        """The training loss of one batch."""
+        x0, cond, kwargs = self.unpack(batch)
+        return denoiser.loss(x0, cond, space=self.space(batch), **kwargs)
+
+    def prepare_data(self, cfg: Any) -> dict[str, Any]:
+        """Build / cache the data of a recipe (``multidiff data DOMAIN``); returns a summary."""
+        return {split: len(self.build_dataset(cfg, split)) for split in ("train",)}
+
+    # --- sampling --------------------------------------------------------------------------------
+    @abstractmethod
+    def request(self, cfg: Any, num: int, conditions: dict[str, str], inpaint: Path | None = None,
+                mask: str | None = None, seed: int = 0) -> SampleRequest:
+        """Lay out a batch of ``num`` samples with conditions given as strings (``--condition k=v``)."""
+
+    @abstractmethod
+    def decode(self, x: Tensor, request: SampleRequest) -> Any:
+        """Sampler output -> domain samples (e.g. waveforms, molecules)."""
+
+    @abstractmethod
+    def write(self, samples: Any, out_dir: Path) -> list[Path]:
+        """Write samples (files a user opens) into ``out_dir``."""
+
+    @abstractmethod
+    def evaluate(self, path: Path, cfg: Any | None = None) -> dict[str, float]:
+        """Metrics of samples written by ``write`` (a file or directory)."""
+
+    def eval_during_training(self, cfg: Any) -> Any:
+        """Optional ``eval_fn(ema_model, step) -> metrics`` used every ``train.eval_every`` steps."""
+        return None
+
+
+def available_domains() -> dict[str, str]:
+    """Registered domain names -> entry-point targets."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def get_domain(name: str) -> Domain:
+    """Instantiate a registered domain by name."""
+    eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in eps:
+        raise ValueError(
+            f"unknown domain {name!r}; registered domains: {sorted(eps) or 'none'} "
+            f"(entry-point group {ENTRY_POINT_GROUP!r}; is the package installed with `pip install -e .`?)"
+        )
+    cls = eps[name].load()
+    return cls()
+
+
+_RUN_CLASSES: dict[str, type] = {}
+
+
+def run_config_class(domain: Domain) -> type:
+    """The typed run config of a domain: domain, data, model, diffusion, train, sample sections."""
+    key = domain.name
+    if key not in _RUN_CLASSES:
+        _RUN_CLASSES[key] = dataclasses.make_dataclass(
+            f"{type(domain).__name__}RunConfig",
+            [
+                ("domain", str, field(default=domain.name)),
+                ("data", domain.DataConfig, field(default_factory=domain.DataConfig)),
+                ("model", domain.ModelConfig, field(default_factory=domain.ModelConfig)),
+                ("diffusion", DiffusionConfig, field(default_factory=DiffusionConfig)),
+                ("train", TrainConfig, field(default_factory=TrainConfig)),
+                ("sample", SampleConfig, field(default_factory=SampleConfig)),
+            ],
+        )
+    return _RUN_CLASSES[key]

@@ -1,0 +1,104 @@
+"""The `multidiff` CLI end to end on the toy domain, and its errors for bad configs and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = {**os.environ, "MULTIDIFF_MALLOC": "system", "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "multidiff.cli", *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("toy") / "run"
+    last_json(cli("train", "toy", "train.steps=400", "train.ckpt_every=200", "--out", str(run), "--no-progress"))
+    return run
+
+
+def test_toy_train_sample_evaluate_beats_untrained(toy_run: Path, tmp_path: Path) -> None:
+    out = last_json(cli("sample", "toy", "--checkpoint", str(toy_run), "--num", "2000", "--out", str(tmp_path / "s"), "--no-progress"))
+    assert (tmp_path / "s" / "samples.csv").is_file() and (tmp_path / "s" / "samples.png").is_file()
+    trained = last_json(cli("evaluate", "toy", str(tmp_path / "s")))
+    assert trained == pytest.approx(out["metrics"])
+    assert trained["conditional_accuracy"] > 0.9 and trained["sliced_wasserstein"] < 0.35
+
+    untrained_run = tmp_path / "untrained"
+    last_json(cli("train", "toy", "train.steps=1", "train.ckpt_every=1", "--out", str(untrained_run), "--no-progress"))
+    cli("sample", "toy", "--checkpoint", str(untrained_run), "--num", "2000", "--out", str(tmp_path / "u"), "--no-progress")
+    untrained = last_json(cli("evaluate", "toy", str(tmp_path / "u")))
+    assert untrained["conditional_accuracy"] < 0.5 or untrained["sliced_wasserstein"] > 0.7
+
+
+def test_conditional_sampling_and_seed(toy_run: Path, tmp_path: Path) -> None:
+    a = last_json(cli("sample", "toy", "--checkpoint", str(toy_run), "--num", "500", "--condition", "label=3",
+                      "--guidance", "2", "--seed", "4", "--out", str(tmp_path / "a"), "--no-progress"))
+    assert a["metrics"]["conditional_accuracy"] > 0.95
+    cli("sample", "toy", "--checkpoint", str(toy_run), "--num", "500", "--label", "3", "--guidance", "2", "--seed", "4",
+        "--out", str(tmp_path / "b"), "--no-progress")
+    assert (tmp_path / "a" / "samples.csv").read_text() == (tmp_path / "b" / "samples.csv").read_text()
+
+
+def test_resume_continues_from_latest_checkpoint(toy_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "resumed"
+    shutil.copytree(toy_run, run)
+    res = last_json(cli("train", "toy", "train.steps=450", "train.ckpt_every=200", "--out", str(run), "--resume", "--no-progress"))
+    assert res["step"] == 450
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == sorted(set(steps)) and steps[-1] == 450
+
+
+def test_bad_config_errors_name_key_and_file(tmp_path: Path) -> None:
+    p = cli("train", "toy", "train.lrr=3e-4", "--out", str(tmp_path / "x"))
+    assert p.returncode != 0 and "train.lrr" in p.stderr and "lr" in p.stderr
+    p = cli("train", "toy", "train.steps=ten", "--out", str(tmp_path / "x"))
+    assert p.returncode != 0 and "train.steps" in p.stderr and "int" in p.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("domain: toy\nmodel:\n  hiden: 64\n")
+    p = cli("train", "toy", "--config", str(bad), "--out", str(tmp_path / "x"))
+    assert p.returncode != 0 and "bad.yaml" in p.stderr and "model.hiden" in p.stderr and "hidden" in p.stderr
+    p = cli("train", "toy", "--config", str(tmp_path / "nope.yaml"))
+    assert p.returncode != 0 and "nope.yaml" in p.stderr and "not found" in p.stderr
+    p = cli("train", "toy", "--config", "nosuchrecipe")
+    assert p.returncode != 0 and "nosuchrecipe" in p.stderr and "default" in p.stderr
+    p = cli("train", "sound")
+    assert p.returncode != 0 and "unknown domain 'sound'" in p.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_and_corrupt_checkpoints(toy_run: Path, tmp_path: Path) -> None:
+    p = cli("sample", "toy", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert p.returncode != 0 and "missing" in p.stderr and "not found" in p.stderr
+    weights = sorted((toy_run / "checkpoints").glob("step_*/model.safetensors"))[-1]
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(weights.read_bytes()[:100])
+    p = cli("sample", "toy", "--checkpoint", str(broken), "--out", str(tmp_path / "o"))
+    assert p.returncode != 0 and "broken.safetensors" in p.stderr
+    assert weights.is_file()  # nothing earlier lost
+
+
+def test_info_lists_domains_and_samplers() -> None:
+    info = json.loads(cli("info").stdout)
+    assert "toy" in info["domains"] and "dpmpp_2m" in info["samplers"] and "flow" in info["schedules"]
+
+
+def test_evaluate_rejects_malformed_samples(tmp_path: Path) -> None:
+    f = tmp_path / "samples.csv"
+    f.write_text("x,y,label\n1.0,abc,2\n")
+    p = cli("evaluate", "toy", str(f))
+    assert p.returncode != 0 and "samples.csv:2" in p.stderr
