@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint_for_sampling
 from .config import ConfigError, config_from_dict, config_to_dict, load_config
@@ -63,6 +63,18 @@ def build_denoiser(domain: Domain, cfg: Any) -> Denoiser:
     return Denoiser.from_config(domain.build_backbone(cfg), cfg.diffusion)
 
 
+class TrainingModule(nn.Module):
+    """denoiser + domain loss as one module whose ``forward(batch)`` is the loss, so DDP's hooks see it."""
+
+    def __init__(self, domain: Domain, denoiser: Denoiser) -> None:
+        super().__init__()
+        self.domain = domain
+        self.denoiser = denoiser
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.domain.loss(self.denoiser, batch)
+
+
 def train(
     domain: Domain,
     cfg: Any,
@@ -74,10 +86,9 @@ def train(
 ) -> TrainResult:
     """Train the configured denoiser; checkpoints (with the resolved config) and logs go to ``out_dir``."""
     torch.manual_seed(cfg.train.seed)
-    denoiser = build_denoiser(domain, cfg)
     trainer = Trainer(
-        denoiser,
-        lambda model, batch: domain.loss(model, batch),
+        TrainingModule(domain, build_denoiser(domain, cfg)),
+        lambda model, batch: model(batch),
         domain.build_dataset(cfg, "train"),
         cfg.train,
         out_dir,
@@ -110,7 +121,8 @@ def load_model(checkpoint: Path | str, device: str = "cpu", prefer_ema: bool = T
     domain = get_domain(raw["domain"])
     cfg = config_from_dict(run_config_class(domain), raw, source=f"{ckpt.path} (embedded config)")
     denoiser = build_denoiser(domain, cfg)
-    state = ckpt.weights(prefer_ema)
+    prefix = "denoiser."
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in ckpt.weights(prefer_ema).items()}
     missing, unexpected = denoiser.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(

@@ -102,3 +102,23 @@ def test_evaluate_rejects_malformed_samples(tmp_path: Path) -> None:
     f.write_text("x,y,label\n1.0,abc,2\n")
     p = cli("evaluate", "toy", str(f))
     assert p.returncode != 0 and "samples.csv:2" in p.stderr
+
+
+def test_torchrun_two_processes_train_the_toy_domain(toy_run: Path, tmp_path: Path) -> None:
+    """gloo on CPU: one checkpoint set and one log from rank 0; the model is as good as the 1-process run."""
+    run = tmp_path / "ddp"
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "multidiff.cli",
+         "train", "toy", "train.steps=400", "train.ckpt_every=200", "--out", str(run), "--no-progress", "--device", "cpu"],
+        capture_output=True, text=True, env=ENV, timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len([line for line in p.stdout.splitlines() if line.startswith("{")]) == 1  # only rank 0 reports
+    assert sorted(d.name for d in (run / "checkpoints").iterdir()) == ["step_00000200", "step_00000400"]
+    assert len(list(run.glob("log*.jsonl"))) == 1
+    metrics = {}
+    for name, r in (("ddp", run), ("single", toy_run)):
+        last_json(cli("sample", "toy", "--checkpoint", str(r), "--num", "2000", "--out", str(tmp_path / name), "--no-progress"))
+        metrics[name] = last_json(cli("evaluate", "toy", str(tmp_path / name)))
+    assert metrics["ddp"]["conditional_accuracy"] > 0.9
+    assert abs(metrics["ddp"]["sliced_wasserstein"] - metrics["single"]["sliced_wasserstein"]) < 0.15
