@@ -86,8 +86,9 @@ def train(
 ) -> TrainResult:
     """Train the configured denoiser; checkpoints (with the resolved config) and logs go to ``out_dir``."""
     torch.manual_seed(cfg.train.seed)
+    module = domain.training_module(cfg)
     trainer = Trainer(
-        TrainingModule(domain, build_denoiser(domain, cfg)),
+        module if module is not None else TrainingModule(domain, build_denoiser(domain, cfg)),
         lambda model, batch: model(batch),
         domain.build_dataset(cfg, "train"),
         cfg.train,

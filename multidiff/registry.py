@@ -88,6 +88,11 @@ class Domain(ABC):
     def space(self, batch: Any) -> Space:
         """The space the noise of this batch lives in."""
 
+    def training_module(self, cfg: Any) -> nn.Module | None:
+        """Optional: a module whose ``forward(batch)`` is the loss, for recipes that train something other
+        than the denoiser (e.g. an evaluation classifier). None (default) trains the configured denoiser."""
+        return None
+
     def loss(self, denoiser: Denoiser, batch: Any) -> Tensor:
         """The training loss of one batch."""
         x0, cond, kwargs = self.unpack(batch)
