@@ -70,9 +70,9 @@ def main() -> None:
             steps = steps_for(name, budget)
             ts = make_grid(sch, steps, a.grid)
             setting = {"sampler": name, "nfe": nfe(name, steps), "steps": steps, "schedule": a.schedule, "grid": a.grid}
-            t0 = time.perf_counter()
+            start = time.perf_counter()
             try:
-                assert float(ts[0]) == float(t0), "every grid of one kind starts at the same time"
+                assert float(ts[0]) == float(t0), f"every grid of one kind starts at the same time: {float(ts[0])} vs {float(t0)}"
                 out = get_sampler(name)(gm.denoiser(sch), x_T, ts, sch, generator=torch.Generator().manual_seed(1))
             except ValueError as e:
                 print(json.dumps({"what": "error", "setting": setting, "error": str(e)}))
@@ -80,7 +80,7 @@ def main() -> None:
             emit("sliced_wasserstein", setting, sliced_wasserstein(out, truth, generator=sw_gen()), "sliced W2")
             if name in DETERMINISTIC:
                 emit("ode_error", setting, float(((out - ref) ** 2).mean().sqrt()), "RMS")
-            emit("seconds", setting, time.perf_counter() - t0, "s")
+            emit("seconds", setting, time.perf_counter() - start, "s")
 
 
 if __name__ == "__main__":
