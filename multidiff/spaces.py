@@ -206,6 +206,11 @@ class Product(Space):
     def num_samples(self) -> int | None:
         return self.parts[0][1].num_samples
 
+    @property
+    def batch(self) -> Tensor | None:
+        """The graph index shared by the parts (None for non-graph parts), used to map per-sample values to rows."""
+        return getattr(self.parts[0][1], "batch", None)
+
     def check(self, x: Tensor, name: str = "x") -> None:
         covered = sum(len(range(*sl.indices(x.shape[-1]))) for sl, _ in self.parts)
         if covered != x.shape[-1]:
