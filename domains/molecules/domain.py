@@ -1,0 +1,616 @@
+"""The molecules domain: E(3)-equivariant diffusion of QM9 molecules (Hoogeboom et al. 2022, EDM).
+
+Each atom is one row ``[position (3, Angstrom) | one-hot element * 0.25 (5) | atomic number * 0.1 (1)]``
+(EDM's feature scaling). Positions live in the zero-centre-of-mass subspace of each molecule, features
+are unconstrained (``MolSpace``). The backbone is ``EGNNDenoiser``; conditions are QM9 properties
+normalised by the training mean / mean absolute deviation, ``cond = {"properties": [B, P]}``.
+
+Fragment completion (``--inpaint fragment.sdf``): the fragment's atoms are the first rows of every
+molecule and are kept by ``multidiff.guidance.Inpaint``. Sampling then runs in the *fragment frame*
+(``FragmentFrame``): positions are taken modulo translation, with the gauge fixed by putting the
+fragment's centroid at the origin instead of the molecule's centre of mass. The projection never moves
+the fragment rows, so they stay exactly where they are given, while the new atoms are free to sit on
+any side of the fragment (fixing the fragment in the zero-CoM frame instead would force the centroid
+of the new atoms onto the fragment's centroid). The eps-predicting EGNN is translation equivariant,
+D(x + alpha c) = D(x) + c, and its predicted noise is projected into the same fragment frame as the
+sampler's noise (``MolEGNN``'s ``anchor`` kwarg), so the gauge change is exact. ``decode`` shifts the
+fragment frame back: the fragment atoms come out at their input coordinates (up to float32 rounding).
+
+    multidiff data molecules                                  # convert / cache QM9, split sizes
+    multidiff train molecules --config fast --max-minutes 20 --out runs/mol
+    multidiff sample molecules --checkpoint runs/mol --num 100 --steps 50 --out samples/mol
+    multidiff sample molecules --checkpoint runs/cond --condition alpha=80 --guidance 2
+    multidiff sample molecules --inpaint fragment.sdf --condition n=15
+    multidiff evaluate molecules samples/mol
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from domains.molecules.constants import (
+    ATOMIC_NUMBERS,
+    CHARGE_SCALE,
+    ELEMENT_INDEX,
+    ELEMENTS,
+    ONE_HOT_SCALE,
+    PROPERTY_NAMES,
+    PROPERTY_UNITS,
+)
+from multidiff.registry import Domain, SampleRequest
+from multidiff.spaces import Graph, Product, Space, ZeroCoM
+
+__all__ = [
+    "MolData",
+    "MolModel",
+    "MolSpace",
+    "FragmentFrame",
+    "MolGraphs",
+    "MolSamples",
+    "MoleculesDomain",
+    "PredictorLoss",
+    "atom_rows",
+]
+
+MAX_ATOMS = 29  # the largest QM9 molecule (with hydrogens)
+SAMPLES_FILE = "molecules.sdf"
+SAMPLES_XYZ = "molecules.xyz"
+PNG_LIMIT = 64  # molecules drawn in the PNG grid
+_Z_TO_INDEX = torch.full((max(ATOMIC_NUMBERS.values()) + 1,), -1, dtype=torch.long)
+for _s, _i in ELEMENT_INDEX.items():
+    _Z_TO_INDEX[ATOMIC_NUMBERS[_s]] = _i
+
+
+@dataclass
+class MolData:
+    """QM9 selection and conditioning; the ``n_atoms_counts`` / ``property_*`` stats are filled in at training."""
+
+    split: str | None = None  # None: "generator" half when conditioning (EDM), "predictor" half for a predictor, else "train"
+    max_molecules: int | None = None  # first N molecules of the split (the split is a random permutation)
+    remove_h: bool = False
+    include_charges: bool = True
+    conditioning: list[str] = field(default_factory=list)  # property names: alpha, gap, homo, lumo, mu, Cv
+    radius: float | None = None  # EGNN interaction cut-off in Angstrom (None: fully connected)
+    cache_dir: Path | None = None  # QM9 tensor cache; None: $MULTIDIFF_CACHE or ~/.cache/multidiff
+    novelty: bool = False  # evaluate: compute novelty (builds the cached training SMILES once, ~1 min)
+    # Written by training into the run config, so that sampling needs only the checkpoint:
+    n_atoms_counts: list[int] = field(default_factory=list)  # [n] = training molecules with n atoms
+    property_mean: list[float] = field(default_factory=list)
+    property_mad: list[float] = field(default_factory=list)
+
+
+@dataclass
+class MolModel:
+    """EGNN width/depth (EDM: hidden 256, 9 layers, 1 sublayer), or the property predictor (``kind: predictor``)."""
+
+    kind: Literal["denoiser", "predictor"] = "denoiser"
+    hidden: int = 256
+    layers: int = 9
+    sublayers: int = 1
+    attention: bool = True
+    tanh: bool = True
+    coords_range: float = 15.0
+    norm_constant: float = 1.0
+    normalization_factor: float = 1.0
+    predictor_pool: Literal["sum", "mean"] = "sum"
+
+
+def num_features(data: MolData) -> int:
+    """Invariant feature columns per atom: one-hot elements (+ scaled atomic number)."""
+    return len(ELEMENTS) + (1 if data.include_charges else 0)
+
+
+def atom_rows(pos: Tensor, z: Tensor, include_charges: bool = True) -> Tensor:
+    """Atoms -> rows ``[pos | one_hot * 0.25 | Z * 0.1]`` (EDM feature scaling, Hoogeboom et al. 2022)."""
+    idx = _Z_TO_INDEX[z.long()]
+    cols = [pos.to(torch.float32), torch.nn.functional.one_hot(idx, len(ELEMENTS)).to(torch.float32) * ONE_HOT_SCALE]
+    if include_charges:
+        cols.append(z.to(torch.float32).unsqueeze(-1) * CHARGE_SCALE)
+    return torch.cat(cols, dim=-1)
+
+
+# --- spaces ---------------------------------------------------------------------------------------------------------
+
+
+class MolSpace(Product):
+    """Positions x features of a graph batch: ``[0:3]`` in a position space (ZeroCoM), ``[3:]`` unconstrained."""
+
+    def __init__(self, batch: Tensor, num_graphs: int | None = None, positions: Graph | None = None) -> None:
+        features = Graph(batch, num_graphs)
+        positions = positions if positions is not None else ZeroCoM(batch, features.num_samples)
+        super().__init__([(slice(0, 3), positions), (slice(3, None), features)])
+        self.positions = positions
+
+    @property
+    def num_samples(self) -> int:
+        return self.parts[1][1].num_samples
+
+
+class FragmentFrame(ZeroCoM):
+    """Positions modulo translation with the gauge "centroid of the ``anchor`` atoms = 0" per graph.
+
+    The projection subtracts each graph's anchor centroid from all its atoms, so anchor rows that are
+    already centred are never moved (used for fragment completion); graphs without anchors fall back to
+    zero centre of mass. Differences between atoms, i.e. the geometry, are the same as under ZeroCoM.
+    """
+
+    def __init__(self, batch: Tensor, anchor: Tensor, num_graphs: int | None = None) -> None:
+        super().__init__(batch, num_graphs)
+        if anchor.shape != batch.shape or anchor.dtype != torch.bool:
+            raise ValueError(f"anchor: expected a bool mask shaped like batch {tuple(batch.shape)}, got {tuple(anchor.shape)} {anchor.dtype}")
+        self.anchor = anchor
+        self.anchor_count = torch.bincount(self.batch[anchor], minlength=self.num_samples)
+
+    def project(self, x: Tensor) -> Tensor:
+        self.check(x)
+        batch, anchor = self.batch.to(x.device), self.anchor.to(x.device)
+        count = self.anchor_count.to(x.device)
+        anchored = torch.zeros((self.num_samples,) + x.shape[1:], dtype=x.dtype, device=x.device)
+        anchored.index_add_(0, batch[anchor], x[anchor])
+        centre = torch.where((count > 0).unsqueeze(-1), anchored / count.clamp_min(1).unsqueeze(-1).to(x.dtype),
+                             self.centre_of_mass(x))
+        return x - centre[batch]
+
+
+def _egnn_class() -> type:
+    """``EGNNDenoiser`` with an optional ``anchor`` kwarg (imported lazily: torch_geometric is slow to import)."""
+    from domains.molecules.egnn import EGNNDenoiser
+
+    class MolEGNN(EGNNDenoiser):
+        """EGNNDenoiser whose position output (eps) is re-gauged into the fragment frame when ``anchor`` is given.
+
+        In the fragment frame the noise lives in {centroid of the anchor atoms = 0} (``FragmentFrame``), so the
+        predicted noise is projected into that space too; without it the molecule's centre of mass relative to
+        the fragment would be read as signal and amplified by 1/alpha over the trajectory. Same parameters.
+        """
+
+        def forward(self, x: Tensor, noise_level: Tensor, cond: dict[str, Tensor] | None = None, *, batch: Tensor,
+                    anchor: Tensor | None = None) -> Tensor:
+            out = super().forward(x, noise_level, cond, batch=batch)
+            if anchor is None:
+                return out
+            pos = FragmentFrame(batch, anchor, noise_level.numel()).project(out[:, :3])
+            return torch.cat([pos, out[:, 3:]], dim=-1)
+
+    return MolEGNN
+
+
+# --- data -----------------------------------------------------------------------------------------------------------
+
+
+class MolGraphs(Dataset):
+    """Molecules of one QM9 split as ``(positions, atomic numbers, properties)`` views of the flat tensors."""
+
+    def __init__(self, qm9: Any, rows: np.ndarray, remove_h: bool = False) -> None:
+        self.qm9, self.rows, self.remove_h = qm9, np.asarray(rows, dtype=np.int64), remove_h
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        row = int(self.rows[i])
+        pos, z = self.qm9.molecule(row)
+        if self.remove_h:
+            heavy = z != 1
+            pos, z = pos[heavy], z[heavy]
+        return pos, z, self.qm9.properties[row]
+
+    def num_atoms(self) -> np.ndarray:
+        """[len] atoms per molecule (after removing hydrogens when asked)."""
+        if not self.remove_h:
+            return self.qm9.num_atoms.numpy()[self.rows]
+        heavy = (self.qm9.z != 1).long()
+        per_mol = torch.zeros(len(self.qm9), dtype=torch.long).index_add_(
+            0, torch.repeat_interleave(torch.arange(len(self.qm9)), self.qm9.num_atoms), heavy)
+        return per_mol.numpy()[self.rows]
+
+
+@dataclass
+class MolSamples:
+    """Decoded molecules (positions in Angstrom, element symbols) and the conditions they were asked for."""
+
+    molecules: list[Any]
+    properties: dict[str, list[float]] = field(default_factory=dict)
+
+
+class PredictorLoss(nn.Module):
+    """L1 loss of ``EGNNPredictor`` on normalised properties (EDM's property classifier, Hoogeboom et al. 2022)."""
+
+    def __init__(self, predictor: nn.Module) -> None:
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        x = batch["x"].clone()
+        x[:, :3] = ZeroCoM(batch["batch"], batch["num_graphs"]).project(x[:, :3])
+        pred = self.predictor(x, batch["batch"], batch["num_graphs"])
+        return (pred - batch["properties"]).abs().mean()
+
+
+# --- the domain -----------------------------------------------------------------------------------------------------
+
+
+class MoleculesDomain(Domain):
+    """3D molecules (QM9): EGNN denoiser on [positions | atom types], zero-CoM noise (Hoogeboom et al. 2022)."""
+
+    name = "molecules"
+    description = "3D molecules from QM9 with an E(3)-equivariant EGNN (EDM, Hoogeboom et al. 2022)"
+    DataConfig = MolData
+    ModelConfig = MolModel
+    default_recipe = "qm9"
+
+    def __init__(self) -> None:
+        self._qm9: Any = None
+        self._qm9_key: Any = None
+        self._include_charges = True
+        self._conditioning: list[str] = []
+        self._mean = torch.zeros(0)
+        self._mad = torch.ones(0)
+        self._prop_cols: list[int] = []
+
+    # --- data -----------------------------------------------------------------------------------------------------
+    def qm9(self, data: MolData) -> Any:
+        """QM9 from the tensor cache (converted from the qm9pack CSVs on first use)."""
+        from domains.molecules.data import load_qm9
+
+        key = str(data.cache_dir)
+        if self._qm9 is None or self._qm9_key != key:
+            self._qm9, self._qm9_key = load_qm9(data.cache_dir, progress=True), key
+        return self._qm9
+
+    def _split(self, cfg: Any) -> str:
+        """The configured split, or EDM's choice: generator half when conditioning, predictor half for predictors."""
+        if cfg.data.split is not None:
+            return cfg.data.split
+        if cfg.model.kind == "predictor":
+            return "predictor"
+        return "generator" if cfg.data.conditioning else "train"
+
+    def _rows(self, cfg: Any, split: str) -> np.ndarray:
+        from domains.molecules.data import _resolve_indices
+
+        rows = _resolve_indices(len(self.qm9(cfg.data)), split)
+        if cfg.data.max_molecules is not None:
+            if cfg.data.max_molecules < 1:
+                raise ValueError(f"data.max_molecules must be >= 1 or null, got {cfg.data.max_molecules}")
+            rows = rows[: cfg.data.max_molecules]
+        return rows
+
+    def _check_conditioning(self, data: MolData) -> None:
+        unknown = [p for p in data.conditioning if p not in PROPERTY_NAMES]
+        if unknown:
+            raise ValueError(f"data.conditioning: unknown propert{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+                             f"valid: {list(PROPERTY_NAMES)}")
+        if len(set(data.conditioning)) != len(data.conditioning):
+            raise ValueError(f"data.conditioning: duplicate property names in {data.conditioning}")
+
+    def resolve_stats(self, cfg: Any) -> None:
+        """Fill the training atom-count histogram and property mean/MAD into ``cfg.data`` (saved with the checkpoint)."""
+        data = cfg.data
+        self._check_conditioning(data)
+        p = len(data.conditioning)
+        has_stats = len(data.property_mean) == p and len(data.property_mad) == p
+        if data.n_atoms_counts and has_stats:
+            return
+        split = self._split(cfg)
+        ds = MolGraphs(self.qm9(data), self._rows(cfg, split), data.remove_h)
+        if not data.n_atoms_counts:
+            data.n_atoms_counts = np.bincount(ds.num_atoms(), minlength=MAX_ATOMS + 1).astype(int).tolist()
+        if not has_stats:
+            qm9 = self.qm9(data)
+            cols = [qm9.property_names.index(name) for name in data.conditioning]
+            values = qm9.properties[torch.from_numpy(ds.rows)][:, cols].to(torch.float64)
+            mean = values.mean(0)
+            mad = (values - mean).abs().mean(0)
+            data.property_mean = [float(v) for v in mean]
+            data.property_mad = [float(v) if v > 0 else 1.0 for v in mad]
+
+    def _remember(self, cfg: Any) -> None:
+        """Keep what ``collate`` needs (it sees only the items)."""
+        self._include_charges = cfg.data.include_charges
+        self._conditioning = list(cfg.data.conditioning)
+        self._mean = torch.tensor(cfg.data.property_mean, dtype=torch.float32)
+        self._mad = torch.tensor(cfg.data.property_mad, dtype=torch.float32)
+        self._prop_cols = [PROPERTY_NAMES.index(name) for name in cfg.data.conditioning]
+
+    def build_dataset(self, cfg: Any, split: str = "train") -> Dataset:
+        self.resolve_stats(cfg)
+        self._remember(cfg)
+        name = self._split(cfg) if split == "train" else split
+        return MolGraphs(self.qm9(cfg.data), self._rows(cfg, name), cfg.data.remove_h)
+
+    def collate(self, items: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, Any]:
+        counts = torch.tensor([len(z) for _, z, _ in items], dtype=torch.long)
+        pos = torch.cat([p for p, _, _ in items])
+        z = torch.cat([z for _, z, _ in items])
+        batch = {
+            "x": atom_rows(pos, z, self._include_charges),
+            "batch": torch.repeat_interleave(torch.arange(len(items)), counts),
+            "num_graphs": len(items),
+        }
+        if self._conditioning:
+            props = torch.stack([y for _, _, y in items])[:, self._prop_cols]
+            batch["properties"] = (props - self._mean) / self._mad
+        return batch
+
+    # --- model ----------------------------------------------------------------------------------------------------
+    def build_backbone(self, cfg: Any) -> nn.Module:
+        if cfg.model.kind != "denoiser":
+            raise ValueError(f"model.kind={cfg.model.kind!r}: a property-predictor run has no denoiser to sample from")
+        self.resolve_stats(cfg)  # before the run config is written into the checkpoint
+        m = cfg.model
+        return _egnn_class()(
+            num_features(cfg.data), hidden=m.hidden, layers=m.layers, sublayers=m.sublayers,
+            cond_dim=len(cfg.data.conditioning), attention=m.attention, tanh=m.tanh, coords_range=m.coords_range,
+            norm_constant=m.norm_constant, radius=cfg.data.radius, normalization_factor=m.normalization_factor,
+        )
+
+    def training_module(self, cfg: Any) -> nn.Module | None:
+        """``model.kind: predictor`` trains EDM's property predictor (L1 on normalised properties) instead."""
+        if cfg.model.kind != "predictor":
+            return None
+        from domains.molecules.egnn import EGNNPredictor
+
+        if not cfg.data.conditioning:
+            raise ValueError("model.kind=predictor needs data.conditioning: the properties to predict (e.g. [alpha])")
+        self.resolve_stats(cfg)
+        m = cfg.model
+        return PredictorLoss(EGNNPredictor(num_features(cfg.data), len(cfg.data.conditioning), hidden=m.hidden,
+                                           layers=m.layers, attention=m.attention, pool=m.predictor_pool,
+                                           radius=cfg.data.radius, normalization_factor=m.normalization_factor))
+
+    def unpack(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor] | None, dict[str, Any]]:
+        cond = {"properties": batch["properties"]} if "properties" in batch else None
+        return batch["x"], cond, {"batch": batch["batch"]}
+
+    def space(self, batch: dict[str, Any]) -> Space:
+        return MolSpace(batch["batch"], batch["num_graphs"])
+
+    def prepare_data(self, cfg: Any) -> dict[str, Any]:
+        """Convert / cache QM9, report split sizes (and build the novelty reference when ``data.novelty``)."""
+        from domains.molecules.data import conditional_halves, edm_split
+
+        self._check_conditioning(cfg.data)
+        qm9 = self.qm9(cfg.data)
+        splits = edm_split(len(qm9))
+        pred, gen = conditional_halves(len(splits["train"]))
+        summary: dict[str, Any] = {
+            "molecules": len(qm9), "atoms": int(qm9.num_atoms.sum()),
+            **{k: len(v) for k, v in splits.items()}, "predictor": len(pred), "generator": len(gen),
+            "selected_split": self._split(cfg), "selected": len(self._rows(cfg, self._split(cfg))),
+        }
+        if cfg.data.novelty:
+            summary["reference_smiles"] = len(self.reference_smiles(cfg.data))
+        return summary
+
+    def reference_smiles(self, data: MolData) -> set[str]:
+        """SMILES of the EDM training split (the novelty reference), cached as a text file in the cache dir."""
+        from domains.molecules.data import reference_smiles
+
+        path = self._smiles_cache(data)
+        if path.is_file():
+            return set(path.read_text().split())
+        smiles = reference_smiles(self.qm9(data), "train")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n".join(sorted(smiles)) + "\n")
+        tmp.replace(path)
+        return smiles
+
+    @staticmethod
+    def _smiles_cache(data: MolData) -> Path:
+        from domains.molecules.data import CONVERTER_VERSION, default_cache_dir
+
+        root = Path(data.cache_dir) if data.cache_dir is not None else default_cache_dir()
+        return root / f"qm9_train_smiles.{CONVERTER_VERSION}.txt"
+
+    # --- sampling -------------------------------------------------------------------------------------------------
+    def request(self, cfg: Any, num: int, conditions: dict[str, str], inpaint: Path | None = None,
+                mask: str | None = None, seed: int = 0) -> SampleRequest:
+        data = cfg.data
+        if num < 1:
+            raise ValueError(f"molecules: --num must be >= 1, got {num}")
+        if mask is not None:
+            raise ValueError("molecules: --mask is not used; with --inpaint FRAGMENT the fragment's atoms are kept "
+                             "and the others generated (set their number with --condition n=N)")
+        valid = ["n", *data.conditioning]
+        unknown = [k for k in conditions if k not in valid]
+        if unknown:
+            hint = (" (this model is unconditional; train with data.conditioning to condition on properties)"
+                    if not data.conditioning else "")
+            raise ValueError(f"molecules: unknown condition(s) {unknown}; valid: {valid}{hint}")
+        g = torch.Generator().manual_seed(seed)
+        fragment = self._read_fragment(inpaint) if inpaint is not None else None
+        n_frag = len(fragment[1]) if fragment is not None else 0
+        counts = torch.tensor(data.n_atoms_counts, dtype=torch.float64)
+        if counts.numel() == 0 or counts.sum() <= 0:
+            raise ValueError("molecules: the run config has no atom-count histogram (data.n_atoms_counts); "
+                             "was the checkpoint written by `multidiff train molecules`?")
+        if "n" in conditions:
+            try:
+                n = int(conditions["n"])
+            except ValueError:
+                raise ValueError(f"molecules: n must be an integer number of atoms, got {conditions['n']!r}") from None
+            lo = max(n_frag, 1)
+            if not lo <= n <= MAX_ATOMS:
+                what = f" (the fragment {inpaint} has {n_frag} atoms)" if fragment is not None else ""
+                raise ValueError(f"molecules: n={n} out of range {lo}..{MAX_ATOMS}{what}")
+            sizes = torch.full((num,), n, dtype=torch.long)
+        else:
+            allowed = counts.clone()
+            allowed[: n_frag + 1] = 0  # completion adds at least one atom
+            if allowed.sum() <= 0:
+                raise ValueError(f"molecules: {inpaint} has {n_frag} atoms; no training molecule is larger")
+            sizes = torch.multinomial(allowed, num, replacement=True, generator=g)
+        batch = torch.repeat_interleave(torch.arange(num), sizes)
+        cond, props = self._properties(cfg, conditions, sizes, g)
+        nf = num_features(data)
+        like = torch.zeros(int(sizes.sum()), 3 + nf)
+        meta: dict[str, Any] = {"sizes": sizes, "properties": props, "include_charges": data.include_charges}
+        if fragment is None:
+            return SampleRequest(like=like, space=MolSpace(batch, num), cond=cond, kwargs={"batch": batch},
+                                 batched_cfg=False, meta=meta)
+        if cfg.diffusion.target != "eps":
+            raise ValueError(f"molecules: fragment completion needs an eps-prediction model (diffusion.target: eps); "
+                             f"this checkpoint predicts {cfg.diffusion.target!r}")
+        pos, z = fragment
+        centroid = pos.mean(0)
+        rows = atom_rows(pos - centroid, z, data.include_charges)
+        first = torch.cumsum(sizes, 0) - sizes
+        local = torch.arange(len(batch)) - first[batch]
+        anchor = local < n_frag
+        known = like.clone()
+        known[anchor] = rows.repeat(num, 1)
+        space = MolSpace(batch, num, positions=FragmentFrame(batch, anchor, num))
+        meta.update(fragment_centroid=centroid, fragment_atoms=n_frag, fragment=str(inpaint))
+        return SampleRequest(like=like, space=space, cond=cond, kwargs={"batch": batch, "anchor": anchor}, known=known,
+                             mask=anchor.unsqueeze(-1).expand_as(known).clone(), batched_cfg=False, meta=meta)
+
+    def _read_fragment(self, path: Path) -> tuple[Tensor, Tensor]:
+        """The single molecule of an SDF/XYZ fragment file as (positions float32 [n, 3], atomic numbers [n])."""
+        from domains.molecules.io import read_sdf, read_xyz
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: fragment file not found")
+        suffix = path.suffix.lower()
+        if suffix not in (".sdf", ".mol", ".xyz"):
+            raise ValueError(f"{path}: unknown fragment format {suffix or '(no suffix)'}; expected .sdf, .mol or .xyz")
+        mols = read_xyz(path) if suffix == ".xyz" else read_sdf(path)
+        if len(mols) != 1:
+            raise ValueError(f"{path}: expected one fragment molecule, found {len(mols)} records")
+        mol = mols[0]
+        if len(mol.elements) > MAX_ATOMS - 1:
+            raise ValueError(f"{path}: fragment has {len(mol.elements)} atoms; at most {MAX_ATOMS - 1} fit a QM9-sized molecule")
+        z = torch.tensor([ATOMIC_NUMBERS[s] for s in mol.elements], dtype=torch.long)
+        return torch.as_tensor(mol.positions, dtype=torch.float32), z
+
+    def _properties(self, cfg: Any, conditions: dict[str, str], sizes: Tensor,
+                    g: torch.Generator) -> tuple[dict[str, Tensor] | None, dict[str, list[float]]]:
+        """Properties per molecule: given values, else drawn from p(property | n) of the training set (EDM)."""
+        data = cfg.data
+        names = list(data.conditioning)
+        if not names:
+            return None, {}
+        given: dict[str, float] = {}
+        for name in names:
+            if name in conditions:
+                try:
+                    given[name] = float(conditions[name])
+                except ValueError:
+                    raise ValueError(f"molecules: {name} must be a number in {PROPERTY_UNITS[name]}, got {conditions[name]!r}") from None
+                if not math.isfinite(given[name]):
+                    raise ValueError(f"molecules: {name} must be finite, got {conditions[name]!r}")
+        num = len(sizes)
+        values = torch.zeros(num, len(names))
+        if len(given) < len(names):
+            from domains.molecules.data import PropertyGivenN
+
+            qm9 = self.qm9(data)
+            rows = self._rows(cfg, self._split(cfg))
+            model = PropertyGivenN.from_qm9(qm9, rows, names)
+            supported = set(model.supported_n)
+            # sizes outside the training support (e.g. n=29 with few molecules) borrow the nearest supported n
+            near = torch.tensor([min(supported, key=lambda s: (abs(s - int(n)), s)) for n in sizes])
+            values = model.sample(near, generator=g)
+        for k, name in enumerate(names):
+            if name in given:
+                values[:, k] = given[name]
+        mean = torch.tensor(data.property_mean, dtype=torch.float32)
+        mad = torch.tensor(data.property_mad, dtype=torch.float32)
+        cond = {"properties": ((values - mean) / mad).to(torch.float32)}
+        return cond, {name: values[:, k].tolist() for k, name in enumerate(names)}
+
+    def decode(self, x: Tensor, request: SampleRequest) -> MolSamples:
+        x = x.detach().cpu().to(torch.float32)
+        pos = x[:, :3]
+        centroid = request.meta.get("fragment_centroid")
+        if centroid is not None:
+            pos = pos + centroid  # fragment frame -> the fragment's input coordinates
+        elements = x[:, 3 : 3 + len(ELEMENTS)].argmax(-1)
+        from domains.molecules.metrics import Molecule
+
+        mols = []
+        start = 0
+        for n in request.meta["sizes"].tolist():
+            mols.append(Molecule(pos[start : start + n].numpy().astype(np.float64),
+                                 tuple(ELEMENTS[i] for i in elements[start : start + n].tolist())))
+            start += n
+        return MolSamples(mols, request.meta.get("properties") or {})
+
+    def write(self, samples: MolSamples, out_dir: Path) -> list[Path]:
+        from domains.molecules.io import write_png_grid, write_sdf, write_xyz
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        comments = []
+        for k in range(len(samples.molecules)):
+            props = " ".join(f"{name}={vals[k]:.6g}" for name, vals in samples.properties.items())
+            comments.append(f"molecule {k}" + (f" {props}" if props else ""))
+        files = [write_sdf(samples.molecules, out_dir / SAMPLES_FILE),
+                 write_xyz(samples.molecules, out_dir / SAMPLES_XYZ, comments),
+                 write_png_grid(samples.molecules[:PNG_LIMIT], out_dir / "molecules.png")]
+        return files
+
+    # --- evaluation -----------------------------------------------------------------------------------------------
+    def read(self, path: Path) -> list[Any]:
+        """Molecules of an SDF/XYZ file, or of the ``molecules.xyz`` written by ``write`` into a directory."""
+        from domains.molecules.io import read_sdf, read_xyz
+
+        path = Path(path)
+        if path.is_dir():
+            target = path / SAMPLES_XYZ
+            if not target.is_file():
+                raise FileNotFoundError(f"{path}: no {SAMPLES_XYZ} (expected samples written by `multidiff sample molecules`)")
+            return _read_samples_xyz(target)
+        suffix = path.suffix.lower()
+        if suffix == ".xyz":
+            return read_xyz(path)
+        if suffix in (".sdf", ".mol"):
+            return read_sdf(path)
+        raise ValueError(f"{path}: unknown molecule format {suffix or '(no suffix)'}; expected .sdf, .xyz or a samples directory")
+
+    def evaluate(self, path: Path, cfg: Any | None = None) -> dict[str, float]:
+        from domains.molecules.metrics import evaluate_molecules
+
+        mols = self.read(path)
+        data = cfg.data if cfg is not None else MolData()
+        reference = None
+        if data.novelty or self._smiles_cache(data).is_file():
+            reference = self.reference_smiles(data)
+        return dict(evaluate_molecules(mols, reference))
+
+
+def _read_samples_xyz(path: Path) -> list[Any]:
+    """Our own multi-record XYZ, without the overlapping-atom check (a collapsed sample is a bad sample, not bad input)."""
+    from domains.molecules.metrics import Molecule
+
+    lines = path.read_text().splitlines()
+    mols, i = [], 0
+    while i < len(lines):
+        if not lines[i].strip():
+            i += 1
+            continue
+        try:
+            n = int(lines[i].split()[0])
+            atoms = [lines[i + 2 + k].split() for k in range(n)]
+            elements = tuple(a[0] for a in atoms)
+            pos = np.array([[float(v) for v in a[1:4]] for a in atoms], dtype=np.float64).reshape(n, 3)
+        except (IndexError, ValueError):
+            raise ValueError(f"{path}, line {i + 1}: malformed XYZ record (expected a count line, a comment, then "
+                             f"'element x y z' lines)") from None
+        bad = [e for e in elements if e not in ELEMENT_INDEX]
+        if bad:
+            raise ValueError(f"{path}, line {i + 1}: element {bad[0]} not in vocabulary {','.join(ELEMENTS)}")
+        mols.append(Molecule(pos, elements))
+        i += 2 + n
+    if not mols:
+        raise ValueError(f"{path}: no molecules")
+    return mols
