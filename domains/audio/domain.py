@@ -1,0 +1,576 @@
+"""The audio domain: class-conditional diffusion on raw waveforms (DiffWave, Kong et al. 2021), with CFG and inpainting.
+
+x is a mono waveform ``[B, 1, T]`` (``T = seconds * sample_rate``) in [-1, 1] living in Euclidean space; the
+condition is ``{"label": LongTensor [B]}`` with a learned null class for classifier-free guidance
+(Ho & Salimans 2022). The backbone is `domains.audio.unet.UNet1D`; the defaults are v-prediction
+(Salimans & Ho 2022) on a cosine schedule with 10% condition dropout.
+
+    multidiff data audio                                   # build the espeak digits cache
+    multidiff train audio --config fast --max-minutes 20 --out runs/audio
+    multidiff sample audio --checkpoint runs/audio --label 7 --num 16 --guidance 2 --out samples/seven
+    multidiff sample audio --inpaint clip.wav --mask 0.3:0.5 --label seven --num 4 --out samples/fill
+    multidiff evaluate audio samples/seven
+    multidiff train audio --config classifier --out runs/audio_clf   # the digit classifier used by evaluate
+
+Samples are written as one WAV per sample (``sample_000_label7.wav``), ``spectrograms.png`` and ``labels.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from multidiff.registry import Domain, SampleRequest
+from multidiff.spaces import Euclidean, Space
+
+__all__ = [
+    "AudioDomain",
+    "AudioData",
+    "AudioModel",
+    "ClassifierLoss",
+    "DEFAULT_CLASSIFIER",
+    "load_any_classifier",
+    "export_classifier",
+    "parse_span",
+    "read_clip",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CLASSIFIER = REPO_ROOT / "data" / "checkpoints" / "audio_classifier.safetensors"
+LABELS_FILE = "labels.json"
+GRID_FILE = "spectrograms.png"
+_SAMPLE_NAME = re.compile(r"^sample_(\d+)(?:_label(\d+))?\.wav$")
+_SPLITS = {  # the split names of the core -> the split of each source ('folder' has a single split)
+    "digits": {"train": "train", "valid": "test", "validation": "test", "test": "test"},
+    "fsdd": {"train": "train", "valid": "test", "validation": "test", "test": "test"},
+    "speechcommands": {"train": "train", "valid": "validation", "validation": "validation", "test": "test"},
+}
+
+
+@dataclass
+class AudioData:
+    """Which clips to train on, their rate and length, and the classifier used for metrics."""
+
+    source: Literal["digits", "fsdd", "speechcommands", "folder"] = "digits"
+    root: str | None = None  # dataset directory (fsdd, speechcommands, folder)
+    sample_rate: int = 16000
+    seconds: float = 1.0
+    max_clips: int | None = None  # a random subset of this many clips per split (quick runs)
+    cache_dir: str | None = None  # digits cache (default $MULTIDIFF_CACHE/audio_digits or ~/.cache/multidiff/...)
+    num_voices: int | None = None  # digits: the first voices of each split only
+    max_shift: int = 0  # training augmentation: random time shift of up to this many samples
+    class_names: list[str] | None = None  # label names; null = from the data (folder: sorted sub-folder names)
+    classifier: str | None = None  # digit-classifier checkpoint for metrics (default data/checkpoints/audio_classifier.safetensors)
+    wav_format: Literal["auto", "pcm16", "float"] = "auto"  # auto: 16-bit PCM, float when inpainting a non-16-bit clip
+    seed: int = 0  # of the max_clips subset
+
+
+@dataclass
+class AudioModel:
+    """UNet1D hyper-parameters (kind=denoiser) or DigitClassifier ones (kind=classifier)."""
+
+    kind: Literal["denoiser", "classifier"] = "denoiser"
+    channels: int = 48
+    multipliers: tuple[int, ...] = (1, 2, 4)
+    factors: tuple[int, ...] = (1, 4, 5)
+    blocks: tuple[int, ...] = (1, 2, 2)
+    attention_levels: tuple[int, ...] | None = None
+    heads: int = 4
+    patch: int = 16
+    patch_overlap: bool = True
+    kernel_size: int = 3
+    dropout: float = 0.0
+    # kind=classifier
+    classifier_channels: tuple[int, ...] = (16, 32, 64, 128, 128)
+    n_mels: int = 64
+    embed_dim: int = 128
+    classifier_dropout: float = 0.3
+    augment: bool = True  # gain / noise / shift / stretch / mel-warp / SpecAugment (Park et al. 2019)
+    label_smoothing: float = 0.0
+
+
+# --- data ------------------------------------------------------------------------------------------------------------
+
+
+def _clip_length(data: AudioData) -> int:
+    """Samples per clip; validates rate and length."""
+    if data.sample_rate <= 0 or data.seconds <= 0:
+        raise ValueError(f"data.sample_rate and data.seconds must be positive, got {data.sample_rate}, {data.seconds}")
+    return int(round(data.seconds * data.sample_rate))
+
+
+def _need_root(data: AudioData) -> Path:
+    """data.root as a Path, or a clear error for sources that need one."""
+    if not data.root:
+        raise ValueError(f"data.root is required for data.source={data.source!r} (e.g. data.root=/path/to/{data.source})")
+    return Path(data.root).expanduser()
+
+
+def _class_names(data: AudioData) -> list[str]:
+    """The label names of a data config; fills ``data.class_names`` so they travel with the checkpoint."""
+    if data.class_names:
+        return list(data.class_names)
+    if data.source == "folder":
+        root = _need_root(data)
+        if not root.is_dir():
+            raise FileNotFoundError(f"audio directory not found: {root} (data.root of data.source=folder)")
+        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not names:
+            raise ValueError(f"{root}: no label sub-folders (data.source=folder expects one sub-folder per label)")
+    else:
+        from domains.audio.synth import DIGIT_WORDS
+
+        names = list(DIGIT_WORDS)
+    data.class_names = names
+    return list(names)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_clips_cached(key: str) -> Any:
+    """Load (and memoise per process) the clips of one JSON-encoded (data config, split)."""
+    from domains.audio import data as adata
+
+    d = json.loads(key)
+    src, sr, sec, split = d["source"], d["sample_rate"], d["seconds"], d["split"]
+    if src == "digits":
+        clips = adata.load_digits(d["cache_dir"], split=_SPLITS["digits"][split], sample_rate=sr, seconds=sec,
+                                  num_voices=d["num_voices"], progress=False)
+    elif src == "fsdd":
+        clips = adata.load_fsdd(d["root"], split=_SPLITS["fsdd"][split], sample_rate=sr, seconds=sec)
+    elif src == "speechcommands":
+        clips = adata.load_speechcommands(d["root"], split=_SPLITS["speechcommands"][split], sample_rate=sr, seconds=sec)
+    else:
+        clips = adata.load_folder(d["root"], sample_rate=sr, seconds=sec)
+    if d["max_clips"] is not None and len(clips) > d["max_clips"]:
+        perm = torch.randperm(len(clips), generator=torch.Generator().manual_seed(d["seed"]))
+        clips = clips.subset(perm[: d["max_clips"]].sort().values)
+    return clips
+
+
+def load_clips(data: AudioData, split: str = "train") -> Any:
+    """The `AudioClips` of a split ('train', 'valid'/'validation', 'test'); 'folder' has one split for all."""
+    if data.source != "folder" and split not in _SPLITS[data.source]:
+        raise ValueError(f"split must be one of {sorted(_SPLITS[data.source])}, got {split!r}")
+    if data.source != "digits":
+        _need_root(data)
+    if data.max_clips is not None and data.max_clips < 1:
+        raise ValueError(f"data.max_clips must be >= 1 or null, got {data.max_clips}")
+    _clip_length(data)
+    key = json.dumps({"source": data.source, "root": data.root, "sample_rate": data.sample_rate, "seconds": data.seconds,
+                      "split": split, "cache_dir": data.cache_dir, "num_voices": data.num_voices,
+                      "max_clips": data.max_clips, "seed": data.seed}, sort_keys=True)
+    clips = _load_clips_cached(key)
+    names = _class_names(data)
+    if list(clips.class_names) != names:
+        raise ValueError(f"the data's classes {clips.class_names} differ from data.class_names {names}")
+    return clips
+
+
+# --- input clip and mask span -----------------------------------------------------------------------------------------
+
+
+def read_clip(path: Path | str, sample_rate: int, length: int) -> tuple[Tensor, bool]:
+    """A WAV/FLAC file as mono float32 ``[length]`` at `sample_rate` (resampled, mono-mixed, end-padded or cropped);
+    also whether its samples are exactly 16-bit PCM values (so a PCM_16 write keeps them bit-exact)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--inpaint {path}: file not found")
+    try:
+        info = sf.info(str(path))
+        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as err:  # libsndfile raises several exception types
+        raise ValueError(f"--inpaint {path}: cannot read the audio file ({type(err).__name__}: {err})") from err
+    if x.shape[0] == 0:
+        raise ValueError(f"--inpaint {path}: the file has no audio frames")
+    exact16 = info.subtype == "PCM_16" and x.shape[1] == 1 and sr == sample_rate
+    mono = torch.from_numpy(np.ascontiguousarray(x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]))
+    if sr != sample_rate:
+        import torchaudio
+
+        mono = torchaudio.functional.resample(mono, sr, sample_rate).clamp_(-1.0, 1.0)
+    out = torch.zeros(length, dtype=torch.float32)
+    n = min(length, mono.shape[0])
+    out[:n] = mono[:n]  # time 0 stays time 0, so --mask seconds refer to the file's own timeline
+    return out, exact16
+
+
+def parse_span(mask: str, seconds: float, sample_rate: int) -> tuple[int, int]:
+    """``"0.3:0.5"`` (seconds) -> the sample span [start, end) to regenerate; errors say what is wrong."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*:\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*", mask)
+    if m is None:
+        raise ValueError(f"--mask {mask!r}: expected START:END in seconds, e.g. 0.3:0.5")
+    start, end = float(m[1]), float(m[2])
+    if not start < end:
+        raise ValueError(f"--mask {mask!r}: start {start:g} s must be before end {end:g} s")
+    if end > seconds + 1e-9:
+        raise ValueError(f"--mask {mask!r}: the span ends after the clip (clips are {seconds:g} s long)")
+    a, b = int(round(start * sample_rate)), min(int(round(end * sample_rate)), int(round(seconds * sample_rate)))
+    if b <= a:
+        raise ValueError(f"--mask {mask!r}: the span is shorter than one sample at {sample_rate} Hz")
+    return a, b
+
+
+# --- the digit classifier as a Trainer module -------------------------------------------------------------------------
+
+
+def _build_classifier(cfg: Any) -> nn.Module:
+    from domains.audio.classifier import DigitClassifier
+
+    m = cfg.model
+    return DigitClassifier(num_classes=len(_class_names(cfg.data)), sample_rate=cfg.data.sample_rate, n_mels=m.n_mels,
+                           channels=tuple(m.classifier_channels), embed_dim=m.embed_dim, dropout=m.classifier_dropout)
+
+
+class ClassifierLoss(nn.Module):
+    """``forward(batch)`` = cross-entropy of the digit classifier (the SC09 judge, Donahue et al. 2019) on a batch."""
+
+    def __init__(self, classifier: nn.Module, augment: bool = True, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.augment = augment
+        self.label_smoothing = label_smoothing
+        fb = classifier.logmel.mel.mel_scale.fb.sum(dim=0)
+        self.register_buffer("noise_shape", fb / fb.max(), persistent=False)
+
+    def forward(self, batch: Any) -> Tensor:
+        audio, labels = batch
+        clf = self.classifier
+        with torch.no_grad():
+            power = clf.logmel.mel(audio[:, 0].float())
+            if self.augment and self.training:
+                power = self._augment_power(power)
+            spec = clf.normalize(torch.log(power.clamp_min(clf.logmel.floor)))
+            if self.augment and self.training:
+                spec = self._augment_spec(spec)
+        logits = clf.head(clf.embed_spectrogram(spec))
+        return F.cross_entropy(logits, labels.long(), label_smoothing=self.label_smoothing)
+
+    def _augment_power(self, power: Tensor) -> Tensor:
+        """Random gain and white noise on mel power, drawn from the global RNG (resumable runs)."""
+        try:
+            from domains.audio.classifier import _augment_mel_power
+        except ImportError:  # pragma: no cover - the classifier module changed its helpers
+            return power
+        out = _augment_mel_power(power.cpu(), self.noise_shape.cpu(), torch.default_generator)
+        return out.to(power.device)
+
+    def _augment_spec(self, spec: Tensor) -> Tensor:
+        """Shift / stretch / mel-warp and SpecAugment masks on the normalised log-mel."""
+        try:
+            from domains.audio.classifier import _augment_spectrogram
+        except ImportError:  # pragma: no cover
+            return spec
+        return _augment_spectrogram(spec.cpu(), torch.default_generator).to(spec.device)
+
+
+def load_any_classifier(path: Path | str, device: str = "cpu") -> nn.Module:
+    """A DigitClassifier from a `save_classifier` file or from a `multidiff train audio --config classifier` run/checkpoint."""
+    from safetensors import safe_open
+
+    from domains.audio.classifier import FORMAT, load_classifier
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"classifier checkpoint not found: {path}")
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                fmt = (f.metadata() or {}).get("format")
+        except Exception as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+        if fmt == FORMAT:
+            return load_classifier(path, device)
+    return _classifier_from_run(path).to(device).eval()
+
+
+def _classifier_from_run(path: Path, prefer_ema: bool = True) -> nn.Module:
+    """Rebuild the classifier of a multidiff training checkpoint (EMA weights unless ``prefer_ema=False``)."""
+    from multidiff.checkpoint import load_checkpoint_for_sampling
+    from multidiff.config import config_from_dict
+    from multidiff.registry import run_config_class
+
+    ckpt = load_checkpoint_for_sampling(path)
+    raw = ckpt.config
+    if raw.get("domain") != "audio" or (raw.get("model") or {}).get("kind") != "classifier":
+        raise ValueError(f"{ckpt.path}: not a digit classifier (expected a classifier file or a run of "
+                         f"`multidiff train audio --config classifier`)")
+    cfg = config_from_dict(run_config_class(AudioDomain()), raw, source=f"{ckpt.path} (embedded config)")
+    model = _build_classifier(cfg)
+    prefix = "classifier."
+    state = {k[len(prefix):]: v for k, v in ckpt.weights(prefer_ema).items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    model.meta = {"source": str(ckpt.path), "step": ckpt.step}
+    return model.eval()
+
+
+def export_classifier(run: Path | str, out: Path | str, meta: dict[str, Any] | None = None,
+                      prefer_ema: bool = True) -> Path:
+    """Write the (EMA) classifier of a training run as a standalone `save_classifier` safetensors file."""
+    from domains.audio.classifier import save_classifier
+
+    model = _classifier_from_run(Path(run), prefer_ema)
+    return save_classifier(model, out, meta)
+
+
+# --- the domain ------------------------------------------------------------------------------------------------------
+
+
+class AudioDomain(Domain):
+    """Class-conditional raw-waveform diffusion with a 1D U-Net (DiffWave, Kong et al. 2021; CFG, Ho & Salimans 2022)."""
+
+    name = "audio"
+    description = "class-conditional raw-waveform diffusion (spoken digits; FSDD, SC09, folders of WAVs)"
+    DataConfig = AudioData
+    ModelConfig = AudioModel
+    default_recipe = "digits"
+
+    # --- data and model ---------------------------------------------------------------------------
+    def build_dataset(self, cfg: Any, split: str = "train") -> Dataset:
+        from domains.audio.data import ClipDataset
+
+        return ClipDataset(load_clips(cfg.data, split), max_shift=cfg.data.max_shift if split == "train" else 0)
+
+    def build_backbone(self, cfg: Any) -> nn.Module:
+        from domains.audio.unet import UNet1D
+
+        m = cfg.model
+        if m.kind != "denoiser":
+            raise ValueError(f"model.kind={m.kind!r}: this recipe trains the digit classifier, which has no denoiser to "
+                             f"sample; use it for metrics via data.classifier=RUN_DIR")
+        net = UNet1D(in_channels=1, channels=m.channels, multipliers=tuple(m.multipliers), factors=tuple(m.factors),
+                     blocks=tuple(m.blocks), attention_levels=m.attention_levels, heads=m.heads,
+                     num_classes=len(_class_names(cfg.data)), patch=m.patch, dropout=m.dropout,
+                     kernel_size=m.kernel_size, patch_overlap=m.patch_overlap)
+        length = _clip_length(cfg.data)
+        if length % net.total_factor:
+            raise ValueError(f"clip length {length} samples ({cfg.data.seconds} s x {cfg.data.sample_rate} Hz) is not "
+                             f"divisible by the U-Net's down-sampling factor {net.total_factor} (model.patch x "
+                             f"model.factors); change data.seconds or the model")
+        return net
+
+    def training_module(self, cfg: Any) -> nn.Module | None:
+        """The digit-classifier cross-entropy for model.kind=classifier; None trains the denoiser."""
+        if cfg.model.kind != "classifier":
+            return None
+        return ClassifierLoss(_build_classifier(cfg), cfg.model.augment, cfg.model.label_smoothing)
+
+    def unpack(self, batch: Any) -> tuple[Tensor, dict[str, Tensor] | None, dict[str, Any]]:
+        x, label = batch
+        return x, {"label": label}, {}
+
+    def space(self, batch: Any) -> Space:
+        return Euclidean()
+
+    def prepare_data(self, cfg: Any) -> dict[str, Any]:
+        """Build / load the configured source; clip counts per split and class."""
+        d = cfg.data
+        splits = ["all"] if d.source == "folder" else (["train", "validation", "test"] if d.source == "speechcommands"
+                                                       else ["train", "test"])
+        summary: dict[str, Any] = {"source": d.source, "sample_rate": d.sample_rate, "seconds": d.seconds}
+        if d.source == "digits":
+            from domains.audio.synth import default_cache_dir
+
+            summary["cache_dir"] = str(Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir())
+        else:
+            summary["root"] = d.root
+        for split in splits:
+            clips = load_clips(d, "train" if split == "all" else split)
+            counts = torch.bincount(clips.labels, minlength=len(clips.class_names)).tolist()
+            summary[split] = {"clips": len(clips), "groups": len(set(clips.groups)),
+                              "per_class": dict(zip(clips.class_names, counts))}
+        return summary
+
+    # --- sampling --------------------------------------------------------------------------------
+    def _label(self, value: str, names: list[str]) -> int:
+        lowered = [n.lower() for n in names]
+        if value.strip().lower() in lowered:
+            return lowered.index(value.strip().lower())
+        try:
+            idx = int(value)
+        except ValueError:
+            idx = -1
+        if 0 <= idx < len(names):
+            return idx
+        valid = ", ".join(f"{i}={n}" for i, n in enumerate(names))
+        raise ValueError(f"audio: unknown label {value!r}; valid labels (index or name): {valid}")
+
+    def request(self, cfg: Any, num: int, conditions: dict[str, str], inpaint: Path | None = None,
+                mask: str | None = None, seed: int = 0) -> SampleRequest:
+        unknown = set(conditions) - {"label"}
+        if unknown:
+            raise ValueError(f"audio: unknown condition(s) {sorted(unknown)}; the audio domain takes label=INDEX|NAME")
+        if num < 1:
+            raise ValueError(f"audio: --num must be >= 1, got {num}")
+        names = _class_names(cfg.data)
+        sr, length = cfg.data.sample_rate, _clip_length(cfg.data)
+        if "label" in conditions:
+            labels = torch.full((num,), self._label(conditions["label"], names), dtype=torch.long)
+        else:  # cycle through the classes so an unlabelled request still covers all of them
+            labels = torch.arange(num) % len(names)
+        meta: dict[str, Any] = {"labels": labels, "class_names": names, "sample_rate": sr,
+                                "wav_format": "float" if cfg.data.wav_format == "float" else "pcm16"}
+        known = keep = None
+        if inpaint is not None or mask is not None:
+            if inpaint is None:
+                raise ValueError(f"--mask {mask!r} needs --inpaint FILE.wav (the clip whose other parts are kept)")
+            if mask is None:
+                raise ValueError(f"--inpaint {inpaint}: needs --mask START:END (seconds to regenerate, e.g. 0.3:0.5)")
+            clip, exact16 = read_clip(inpaint, sr, length)
+            a, b = parse_span(mask, length / sr, sr)
+            keep = torch.ones(1, 1, length, dtype=torch.bool)
+            keep[..., a:b] = False
+            known = clip.view(1, 1, length).expand(num, 1, length).contiguous()
+            keep = keep.expand(num, 1, length).contiguous()
+            if cfg.data.wav_format == "auto" and not exact16:
+                meta["wav_format"] = "float"  # keep the kept part bit-exact in the written file
+            meta["inpaint"] = {"file": str(Path(inpaint).resolve()), "start_s": a / sr, "end_s": b / sr,
+                               "start": a, "end": b}
+            meta["known"] = known
+        return SampleRequest(like=torch.zeros(num, 1, length), space=Euclidean(), cond={"label": labels},
+                             known=known, mask=keep, meta=meta)
+
+    def decode(self, x: Tensor, request: SampleRequest) -> dict[str, Any]:
+        audio = x.detach().float().cpu().clamp(-1.0, 1.0)
+        if request.known is not None and request.mask is not None:  # clamping never touches kept samples; be explicit
+            audio = torch.where(request.mask.cpu(), request.known.cpu().float(), audio)
+        return {"audio": audio, **{k: v for k, v in request.meta.items() if k != "known"}}
+
+    def write(self, samples: dict[str, Any], out_dir: Path) -> list[Path]:
+        from domains.audio.features import spectrogram_grid_png
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        audio, labels, names, sr = samples["audio"], samples["labels"], samples["class_names"], samples["sample_rate"]
+        files: list[Path] = []
+        rows = []
+        for i, (wave, lab) in enumerate(zip(audio, labels.tolist())):
+            path = out_dir / f"sample_{i:03d}_label{lab}.wav"
+            _write_wav(path, wave[0], sr, samples.get("wav_format", "pcm16"))
+            files.append(path)
+            rows.append({"file": path.name, "label": lab, "name": names[lab]})
+        png = spectrogram_grid_png(audio, sr, out_dir / GRID_FILE, titles=[f"#{i} {names[r['label']]}" for i, r in enumerate(rows)])
+        meta = {"sample_rate": sr, "class_names": names, "samples": rows}
+        if "inpaint" in samples:
+            meta["inpaint"] = samples["inpaint"]
+        labels_path = out_dir / LABELS_FILE
+        labels_path.write_text(json.dumps(meta, indent=2) + "\n")
+        return [*files, Path(png), labels_path]
+
+    def read(self, path: Path) -> dict[str, Any]:
+        """Read WAVs written by ``write`` (a directory, or one WAV) with their labels when labels.json is there."""
+        path = Path(path)
+        if path.is_file():
+            files, meta = [path], {}
+        else:
+            meta_path = path / LABELS_FILE
+            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+            if meta.get("samples"):
+                files = [path / r["file"] for r in meta["samples"]]
+            else:
+                files = sorted(path.glob("*.wav"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no WAV files (expected sample_*.wav written by `multidiff sample audio`)")
+        waves, rate = [], None
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: listed in {path / LABELS_FILE} but missing")
+            try:
+                x, sr = sf.read(str(f), dtype="float32", always_2d=True)
+            except Exception as err:
+                raise ValueError(f"{f}: cannot read the WAV ({type(err).__name__}: {err})") from err
+            if rate is not None and sr != rate:
+                raise ValueError(f"{f}: sample rate {sr} Hz differs from {rate} Hz of the other files")
+            rate = sr
+            waves.append(torch.from_numpy(np.ascontiguousarray(x.mean(axis=1))))
+        length = max(w.shape[0] for w in waves)
+        audio = torch.zeros(len(waves), 1, length)
+        for i, w in enumerate(waves):
+            audio[i, 0, : w.shape[0]] = w
+        labels = None
+        if meta.get("samples"):
+            labels = torch.tensor([int(r["label"]) for r in meta["samples"]])
+        else:
+            found = [_SAMPLE_NAME.match(f.name) for f in files]
+            if all(m is not None and m[2] is not None for m in found):
+                labels = torch.tensor([int(m[2]) for m in found])  # type: ignore[index]
+        return {"audio": audio, "labels": labels, "sample_rate": rate, "files": files, "meta": meta,
+                "lengths": [w.shape[0] for w in waves]}
+
+    def evaluate(self, path: Path, cfg: Any | None = None) -> dict[str, Any]:
+        """Basic stats always; SC09-protocol metrics (IS, FID, cond. accuracy...) when a digit classifier is available."""
+        s = self.read(path)
+        audio, sr = s["audio"], s["sample_rate"]
+        rms = audio.pow(2).mean(dim=(1, 2)).sqrt()
+        out: dict[str, Any] = {
+            "count": float(audio.shape[0]),
+            "sample_rate": float(sr),
+            "duration_s": float(np.mean(s["lengths"]) / sr),
+            "rms": float(rms.mean()),
+            "peak": float(audio.abs().max()),
+            "silent_share": float((rms < 1e-3).float().mean()),
+        }
+        info = s["meta"].get("inpaint")
+        if info and Path(info["file"]).is_file():
+            out.update(_inpaint_metrics(audio, sr, info))
+        data = cfg.data if cfg is not None else AudioData()
+        ckpt = Path(data.classifier).expanduser() if data.classifier else DEFAULT_CLASSIFIER
+        if not ckpt.exists():
+            out["classifier_metrics"] = f"unavailable: no digit classifier at {ckpt} (set data.classifier in a --config YAML, or ship that file)"
+            return out
+        from domains.audio.metrics import evaluate_audio
+
+        clf = load_any_classifier(ckpt)
+        if s["labels"] is not None and int(s["labels"].max()) >= clf.num_classes:
+            out["classifier_metrics"] = f"unavailable: labels exceed the classifier's {clf.num_classes} classes"
+            return out
+        reference = None
+        if audio.shape[0] >= 2:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    reference = load_clips(data, "test" if data.source != "folder" else "train")
+            except Exception as err:  # the reference set is optional: no FID then
+                out["reference"] = f"unavailable ({type(err).__name__}: {err})"
+        metrics = evaluate_audio(audio, clf, reference=reference, labels=s["labels"], sample_rate=sr,
+                                 ndb_bins=min(50, max(2, audio.shape[0] // 4)))
+        out.update({k: float(v) for k, v in metrics.items()})
+        out["classifier"] = str(ckpt)
+        return out
+
+
+def _write_wav(path: Path, wave: Tensor, sample_rate: int, fmt: str) -> None:
+    """One mono WAV; pcm16 is quantised as round(x * 32768), which reproduces 16-bit input samples exactly."""
+    x = wave.detach().cpu().numpy().astype(np.float32)
+    if fmt == "float":
+        sf.write(str(path), x, sample_rate, subtype="FLOAT")
+    else:
+        pcm = np.clip(np.round(x.astype(np.float64) * 32768.0), -32768, 32767).astype(np.int16)
+        sf.write(str(path), pcm, sample_rate, subtype="PCM_16")
+
+
+def _inpaint_metrics(audio: Tensor, sample_rate: int, info: dict[str, Any]) -> dict[str, float]:
+    """How the regenerated span relates to the original clip: SNR / MR-STFT there, max error outside it."""
+    from domains.audio.metrics import multi_resolution_stft_distance, snr_db
+
+    original, _ = read_clip(info["file"], sample_rate, audio.shape[-1])
+    target = original.view(1, 1, -1).expand_as(audio)
+    span = torch.zeros(audio.shape[-1], dtype=torch.bool)
+    span[info["start"]: info["end"]] = True
+    out = {"inpaint_kept_max_abs_diff": float((audio - target)[..., ~span].abs().max()) if (~span).any() else 0.0,
+           "inpaint_snr_db": snr_db(audio, target, span)}
+    if info["end"] - info["start"] >= 1024:
+        out["inpaint_mr_stft"] = multi_resolution_stft_distance(audio, target, span)["mr_stft"]
+    return out if all(math.isfinite(v) for v in out.values()) else {k: v for k, v in out.items() if math.isfinite(v)}
