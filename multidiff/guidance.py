@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .samplers import Callback, DenoiseFn, _Run, get_sampler
+from .samplers import Callback, DenoiseFn, _ddim_coefficients, _emit, _Run, get_sampler
 from .schedules import Schedule
 from .spaces import Euclidean, Space
 
@@ -209,10 +209,8 @@ def sample_repaint(
         a_t, s_t, a_s, s_s = run.alpha[i], run.sigma[i], run.alpha[i + 1], run.sigma[i + 1]
         for u in range(resample):
             d = torch.where(mask, known.to(x.dtype), run.denoise(x, run.t(i), i))
-            eps = run.eps(x, d, i)
-            ratio = (a_t * s_s) / (s_t * a_s) if a_s > 0 else 0.0
-            c = s_s * math.sqrt(max(0.0, 1.0 - ratio**2))
-            x_s = a_s * d + math.sqrt(max(0.0, s_s**2 - c**2)) * eps
+            w_eps, c = _ddim_coefficients(a_t, s_t, a_s, s_s, 1.0)
+            x_s = a_s * d + w_eps * run.eps(x, d, i)
             if c > 0:
                 x_s = x_s + c * run.noise(x, generator)
             known_s = a_s * known.to(x.dtype) + s_s * run.noise(x, generator) if s_s > 0 else known.to(x.dtype)
@@ -224,8 +222,5 @@ def sample_repaint(
             else:
                 x = x_s
                 break
-        if callback is not None:
-            from .samplers import StepInfo
-
-            callback(StepInfo(i=i, steps=run.steps, t=float(run.ts[i + 1]), x=x, denoised=d))
+        _emit(callback, run, i, x, d)
     return torch.where(mask, known.to(x.dtype), x)

@@ -121,6 +121,14 @@ class _Run:
         return self.space.randn_like(x, generator)
 
 
+def _ddim_coefficients(a_t: float, s_t: float, a_s: float, s_s: float, eta: float) -> tuple[float, float]:
+    """(weight of eps_hat, std of fresh noise) of a DDIM step t -> s; eta = 1 is the DDPM posterior std."""
+    # posterior std in native coordinates: eta * sigma_s * sqrt(1 - exp(logsnr_t - logsnr_s))
+    ratio = (a_t * s_s) / (s_t * a_s) if a_s > 0 else 0.0
+    c = eta * s_s * math.sqrt(max(0.0, 1.0 - ratio**2))
+    return math.sqrt(max(0.0, s_s**2 - c**2)), c
+
+
 def _emit(callback: Callback | None, run: _Run, i: int, x: Tensor, d: Tensor) -> None:
     if callback is not None:
         callback(StepInfo(i=i, steps=run.steps, t=float(run.ts[i + 1]), x=x, denoised=d))
@@ -144,11 +152,8 @@ def sample_ddim(
     for i in range(run.steps):
         d = run.denoise(x, run.t(i), i)
         eps = run.eps(x, d, i)
-        a_t, s_t, a_s, s_s = run.alpha[i], run.sigma[i], run.alpha[i + 1], run.sigma[i + 1]
-        # posterior std in native coordinates: eta * sigma_s * sqrt(1 - exp(logsnr_t - logsnr_s))
-        ratio = (a_t * s_s) / (s_t * a_s) if a_s > 0 else 0.0
-        c = eta * s_s * math.sqrt(max(0.0, 1.0 - ratio**2))
-        x = a_s * d + math.sqrt(max(0.0, s_s**2 - c**2)) * eps
+        w_eps, c = _ddim_coefficients(run.alpha[i], run.sigma[i], run.alpha[i + 1], run.sigma[i + 1], eta)
+        x = run.alpha[i + 1] * d + w_eps * eps
         if c > 0:
             x = x + c * run.noise(x, generator)
         _emit(callback, run, i, x, d)
