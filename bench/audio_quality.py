@@ -1,0 +1,173 @@
+"""Audio sample quality of one checkpoint under the SC09 protocol, next to the real data's own scores.
+
+Meant for comparing the same recipe after different training times (e.g. 1 h vs 3 h of ``multidiff train audio``):
+
+1. load ``--checkpoint`` (a run dir, checkpoint dir or .safetensors; EMA weights) with ``pipeline.load_model``;
+2. sample ``--per-label`` clips for every label with ``domain.request(cfg, n, {"label": i})`` + ``pipeline.generate``,
+   using the recipe's ``sample`` settings (sampler, grid, steps, guidance) unless overridden, and write them with
+   ``domain.write`` (WAVs, labels.json, spectrograms.png) into ``--out`` (default: a temporary directory);
+3. score them with ``domain.evaluate`` (the shipped digit classifier ``data/checkpoints/audio_classifier.safetensors``
+   or the run's ``data.classifier``; FID / AM / NDB against the held-out test split);
+4. score the real held-out test clips the same way with ``domains.audio.metrics.reference_row`` (against the
+   training clips): the row a perfect model would approach. It is printed twice: all test clips, and a
+   label-balanced subset of the same size as the generated set (FID and NDB/K depend on the sample size).
+
+Reference data: the checkpoint's ``data`` section, but ``data.max_clips`` is dropped (full splits) unless
+``--keep-max-clips``. NDB/K uses ``min(50, max(2, N // 4))`` bins for N generated clips, as ``domain.evaluate`` does,
+for every row.
+
+Numbers, one JSON line each (``{"what", "setting", "number", "unit", "machine"}``): ``cond_acc``, ``fid``, ``is``,
+``mis``, ``am``, ``ndb_k`` (and ``ndb``, the count of different bins) per row ``setting.row`` in
+{"samples", "real test (all)", "real test (size-matched)"}, plus ``sampling s`` and ``rtf``.
+
+    python bench/audio_quality.py --checkpoint runs/audio_fast [--per-label 16] [--steps 25] [--out samples/q]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from domains.audio.domain import DEFAULT_CLASSIFIER, load_any_classifier, load_clips  # noqa: E402
+from domains.audio.metrics import reference_row  # noqa: E402
+from multidiff import pipeline  # noqa: E402
+
+METRICS = (("cond_acc", "fraction"), ("fid", "FID"), ("is", "IS"), ("mis", "mIS"), ("am", "AM"),
+           ("ndb_k", "NDB/K"), ("ndb", "bins"))
+
+
+def machine() -> str:
+    """A short description of where the numbers were measured, with the current load."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), load1 {load:.1f}")
+
+
+def emit(what: str, setting: dict, number: float, unit: str) -> None:
+    """One JSON line per result."""
+    print(json.dumps({"what": what, "setting": setting, "number": round(float(number), 5), "unit": unit,
+                      "machine": machine()}), flush=True)
+
+
+def emit_row(row: str, metrics: dict, setting: dict) -> None:
+    """The SC09 metrics of one row (samples or real clips); metrics missing from ``metrics`` are skipped."""
+    for key, unit in METRICS:
+        if key in metrics:
+            emit(key, {**setting, "row": row, "n": int(metrics.get("n", metrics.get("count", 0)))}, metrics[key], unit)
+
+
+def balanced_subset(labels: torch.Tensor, per_label: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Indices of up to ``per_label`` random clips of every class."""
+    g = torch.Generator().manual_seed(seed)
+    idx = []
+    for c in range(num_classes):
+        where = torch.nonzero(labels == c).flatten()
+        idx.append(where[torch.randperm(len(where), generator=g)[:per_label]])
+    return torch.cat(idx).sort().values
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or .safetensors file")
+    p.add_argument("--per-label", type=int, default=16, help="generated clips per label")
+    p.add_argument("--sampler", default=None, help="default: the recipe's sample.sampler")
+    p.add_argument("--steps", type=int, default=None, help="default: the recipe's sample.steps")
+    p.add_argument("--grid", default=None, help="default: the recipe's sample.grid")
+    p.add_argument("--guidance", type=float, default=None, help="default: the recipe's sample.guidance")
+    p.add_argument("--batch", type=int, default=None, help="clips per generate call (default: sample.batch_size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=None, help="keep the samples here (default: a temporary directory)")
+    p.add_argument("--keep-max-clips", action="store_true",
+                   help="score against the checkpoint's data.max_clips subset instead of the full splits")
+    p.add_argument("--no-reference", action="store_true", help="skip the real-data rows")
+    a = p.parse_args()
+    if a.per_label < 1:
+        p.error("--per-label must be >= 1")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    model = pipeline.load_model(a.checkpoint)
+    domain, cfg = model.domain, model.cfg
+    if domain.name != "audio":
+        p.error(f"{a.checkpoint}: a {domain.name!r} checkpoint, not an audio one")
+    sc = cfg.sample
+    sampler, steps = a.sampler or sc.sampler, a.steps or sc.steps
+    grid = a.grid or sc.grid
+    guidance = sc.guidance if a.guidance is None else a.guidance
+    batch = a.batch or sc.batch_size
+    eval_cfg = copy.deepcopy(cfg)
+    if not a.keep_max_clips:
+        eval_cfg.data.max_clips = None
+    names = list(cfg.data.class_names)
+    setting = {"checkpoint": str(model.path), "step": model.step, "sampler": sampler, "steps": steps, "grid": grid,
+               "guidance": guidance, "per_label": a.per_label, "reference_max_clips": eval_cfg.data.max_clips}
+
+    # --- sample ---
+    chunks, labels, meta = [], [], None
+    t0 = time.perf_counter()
+    for c in range(len(names)):
+        done = 0
+        while done < a.per_label:
+            n = min(batch, a.per_label - done)
+            req = domain.request(cfg, n, {"label": str(c)})
+            g = torch.Generator().manual_seed(a.seed * 1_000_003 + c * 10_007 + done)
+            x = pipeline.generate(model, req, sampler=sampler, steps=steps, grid=grid, guidance=guidance, generator=g)
+            dec = domain.decode(x, req)
+            chunks.append(dec["audio"])
+            labels.append(dec["labels"])
+            meta = dec
+            done += n
+    sampling_s = time.perf_counter() - t0
+    assert meta is not None
+    samples = {**meta, "audio": torch.cat(chunks), "labels": torch.cat(labels)}
+    n_gen = samples["audio"].shape[0]
+    emit("sampling s", {**setting, "n": n_gen}, sampling_s, "s")
+    emit("rtf", {**setting, "n": n_gen}, sampling_s / (n_gen * cfg.data.seconds), "compute s / audio s")
+
+    # --- score the samples ---
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(a.out) if a.out else Path(tmp) / "samples"
+        domain.write(samples, out)
+        metrics = domain.evaluate(out, eval_cfg)
+    if isinstance(metrics.get("classifier_metrics"), str):
+        raise SystemExit(f"no classifier metrics: {metrics['classifier_metrics']}")
+    if isinstance(metrics.get("reference"), str):
+        print(f"warning: reference set {metrics['reference']}", file=sys.stderr)
+    setting["classifier"] = metrics.get("classifier", str(DEFAULT_CLASSIFIER))
+    emit_row("samples", metrics, setting)
+    for key in ("rms", "silent_share"):
+        emit(key, {**setting, "row": "samples", "n": n_gen}, metrics[key], "fraction" if key == "silent_share" else "rms")
+
+    # --- the real data's row ---
+    if a.no_reference:
+        return
+    clf = load_any_classifier(Path(setting["classifier"]))
+    ndb_bins = min(50, max(2, n_gen // 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        test = load_clips(eval_cfg.data, "test")
+        train = load_clips(eval_cfg.data, "train")
+    ref_setting = {"classifier": setting["classifier"], "data": eval_cfg.data.source,
+                   "reference_max_clips": eval_cfg.data.max_clips, "train_clips": len(train), "ndb_bins": ndb_bins}
+    emit_row("real test (all)", reference_row(test, clf, train=train, ndb_bins=ndb_bins), ref_setting)
+    sub = test.subset(balanced_subset(test.labels, a.per_label, len(names), a.seed))
+    emit_row("real test (size-matched)", reference_row(sub, clf, train=train, ndb_bins=ndb_bins), ref_setting)
+
+
+if __name__ == "__main__":
+    main()
