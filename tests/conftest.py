@@ -17,3 +17,15 @@ def fsdd_dir() -> Path:
     if not (FSDD / "recordings").is_dir():
         pytest.skip(f"FSDD not found at {FSDD} (CI provides ../shared/data/fsdd; users pass their own path)")
     return FSDD
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: tiny models are faster (and identical) without OpenMP barriers,
+    especially when the cores are shared; torchrun also gives each worker one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,13 +21,7 @@ from multidiff.training import TrainConfig, Trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny models run faster (and identically) on one thread, especially on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_setup(steps: int = 30) -> tuple[nn.Module, object, torch.utils.data.Dataset, TrainConfig]:

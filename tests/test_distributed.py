@@ -52,13 +52,7 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """One thread per process, as torchrun sets for its workers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_dist_env_reads_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:

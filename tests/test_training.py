@@ -19,13 +19,7 @@ from multidiff.distributed import DistEnv
 from multidiff.training import NonFiniteLossError, TrainConfig, Trainer, _ShardedBatches, lr_factor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny models run faster (and identically) on one thread, especially on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dataset(n: int = 96) -> torch.utils.data.TensorDataset:

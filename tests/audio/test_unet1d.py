@@ -17,13 +17,7 @@ SMALL = dict(channels=16, multipliers=(1, 2, 4), factors=(1, 2, 2), blocks=(1, 1
 SMALL_T = 64  # total factor 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids OpenMP barrier stalls when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturb(model: nn.Module, std: float = 0.05, seed: int = 0) -> nn.Module:
