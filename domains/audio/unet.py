@@ -382,9 +382,9 @@ class UNet1D(nn.Module):
         return self.head(F.silu(self.out_norm(h)))
 
 
-# Keyword presets for ``UNet1D(**UNET1D_PRESETS[name])``; measured on 2 CPU cores (batch 16 x 1 s at 16 kHz):
-# "fast" ~47 ms/forward (1.75M params), "default" ~70 ms (3.9M), "large" ~112 ms (7.0M; store in bf16/fp16
-# to stay under 20 MB).
+# Keyword presets for ``UNet1D(**UNET1D_PRESETS[name])``. Forward of a batch of 16 x 1 s at 16 kHz on 2 idle
+# CPU cores (AMD EPYC, torch 2.11): "fast" 40-48 ms (1.75M params), "default" 70-90 ms (3.9M), "large"
+# 110-135 ms (7.0M; store it in bf16/fp16 to stay under 20 MB). The lower ends are with GLIBC_TUNABLES malloc settings.
 UNET1D_PRESETS: dict[str, dict[str, int]] = {
     "fast": {"channels": 32},
     "default": {},
