@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .guidance import drop_conditions
 from .schedules import Schedule, append_dims, get_schedule
 from .spaces import Euclidean, Space
 
@@ -273,8 +274,6 @@ class Denoiser(nn.Module):
         **kwargs: Any,
     ) -> Tensor:
         """Weighted denoising loss (mean over samples, or per sample when reduce=False)."""
-        from .guidance import drop_conditions
-
         space = space if space is not None else Euclidean()
         space.check(x0, "x0")
         if not torch.isfinite(x0).all():
