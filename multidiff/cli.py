@@ -118,15 +118,33 @@ def _parse_conditions(items: list[str] | None) -> dict[str, str]:
     return conditions
 
 
+SAMPLE_OVERRIDABLE = ("data", "sample")
+
+
+def _override_loaded(cfg, overrides: list[str] | None, source: str):
+    """Dotted overrides of a checkpoint's embedded config; only data.* and sample.* (the weights fix the rest)."""
+    if not overrides:
+        return cfg
+    from .config import ConfigError, apply_overrides, config_to_dict
+
+    bad = [o for o in overrides if o.partition("=")[0].strip().split(".")[0] not in SAMPLE_OVERRIDABLE]
+    if bad:
+        raise ConfigError(f"override(s) {bad}: only data.* and sample.* can be changed for a trained checkpoint "
+                          f"(its weights fix model, diffusion and train)")
+    return apply_overrides(type(cfg), config_to_dict(cfg), overrides, source=source)
+
+
 @app.command()
 def sample(
     domain: DomainArg,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted data.* / sample.* overrides of the checkpoint's config, e.g. data.predictor=runs/pred.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Run dir, checkpoint dir or .safetensors; default: the shipped one.")] = None,
     num: Annotated[Optional[int], typer.Option(help="How many samples (default: the recipe's sample.num).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps (grid intervals).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ancestral, ddim, euler, euler_maruyama, heun or dpmpp_2m.")] = None,
     grid: Annotated[Optional[str], typer.Option(help="Step grid: uniform, logsnr or karras.")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (1 = plain conditional).")] = None,
+    gradient_scale: Annotated[float, typer.Option(help="Gradient guidance toward the --condition targets through the domain's predictor (molecules: data.predictor); 0 = off.")] = 0.0,
     condition: Annotated[Optional[list[str]], typer.Option("--condition", "--label", help="KEY=VALUE condition (repeatable); --label 7 is label=7.")] = None,
     inpaint: Annotated[Optional[Path], typer.Option(help="A file whose known part is kept (audio WAV, molecule SDF/XYZ fragment).")] = None,
     mask: Annotated[Optional[str], typer.Option(help="Span to regenerate for --inpaint, e.g. 0.3:0.5 (seconds).")] = None,
@@ -138,7 +156,8 @@ def sample(
     """Sample DOMAIN from a checkpoint; writes the domain's files and metrics.json into --out.
 
     Examples: `multidiff sample toy --checkpoint runs/toy --num 1000 --condition label=3`;
-    `multidiff sample audio --label 7 --num 16 --steps 50 --guidance 2`.
+    `multidiff sample audio --label 7 --num 16 --steps 50 --guidance 2`;
+    `multidiff sample molecules data.predictor=runs/pred --condition alpha=80 --gradient-scale 1`.
     """
     import torch
 
@@ -152,6 +171,7 @@ def sample(
         model = pipeline.load_model(ckpt, device=dev)
         if model.domain.name != domain:
             _fail(f"{ckpt}: this checkpoint is for domain {model.domain.name!r}, not {domain!r}")
+        model.cfg = _override_loaded(model.cfg, overrides, f"{model.path} (embedded config)")
         scfg = model.cfg.sample
         items = [c if "=" in c else f"label={c}" for c in (condition or [])]
         conditions = _parse_conditions(items)
@@ -161,7 +181,8 @@ def sample(
         n_steps = steps if steps is not None else scfg.steps
         with _progress(progress, n_steps, f"sampling {n} x {domain}") as cb:
             x = pipeline.generate(model, request, sampler=sampler or scfg.sampler, steps=n_steps, grid=grid or scfg.grid,
-                                  guidance=guidance if guidance is not None else scfg.guidance, generator=g, callback=cb)
+                                  guidance=guidance if guidance is not None else scfg.guidance,
+                                  gradient_scale=gradient_scale, generator=g, callback=cb)
         samples = dom.decode(x, request)
         out.mkdir(parents=True, exist_ok=True)
         files = dom.write(samples, out)
@@ -206,20 +227,26 @@ class _progress:
 def evaluate(
     domain: DomainArg,
     path: Annotated[Path, typer.Argument(help="Samples written by `multidiff sample` (a file or directory).")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. data.predictor=runs/pred.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Take the data settings from this run's config.")] = None,
     config: ConfigOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the metrics JSON here too.")] = None,
 ) -> None:
     """Compute DOMAIN's metrics on samples; prints JSON.
 
-    Examples: `multidiff evaluate toy samples/`; `multidiff evaluate molecules samples/molecules.sdf`.
+    Examples: `multidiff evaluate toy samples/`; `multidiff evaluate molecules samples/molecules.sdf`;
+    `multidiff evaluate molecules samples/ data.predictor=runs/pred` (property MAE with EDM's baselines).
     """
     from . import pipeline
     from .registry import get_domain
 
     try:
         dom = get_domain(domain)
-        cfg = pipeline.load_model(checkpoint).cfg if checkpoint is not None else pipeline.load_run_config(dom, config)
+        if checkpoint is not None:
+            loaded = pipeline.load_model(checkpoint)
+            cfg = _override_loaded(loaded.cfg, overrides, f"{loaded.path} (embedded config)")
+        else:
+            cfg = pipeline.load_run_config(dom, config, list(overrides or []))
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or directory")
         metrics = dom.evaluate(path, cfg)

@@ -91,6 +91,11 @@ class GradientGuidance:
     ``log_prob(x, t)`` returns a per-sample log-likelihood (or any reward) of shape [B]. With
     ``through_denoiser=True`` it is evaluated on the x0 estimate and differentiated through the
     denoiser (reconstruction guidance, Chung et al. 2023 "DPS"; Ho et al. 2022).
+
+    ``temper=True`` multiplies the log-likelihood by alpha^2 / (alpha^2 + sigma^2): a likelihood of the
+    clean-data estimate is far too sharp at high noise, where sigma^2/alpha^2 grows without bound; tempered,
+    the correction to x0 is about ``scale * sigma^2 / (alpha^2 + sigma^2) * grad_x0 log p`` (at most
+    ``scale`` times the clean-data gradient, vanishing as sigma -> 0).
     """
 
     def __init__(
@@ -102,10 +107,13 @@ class GradientGuidance:
         *,
         space: Space | None = None,
         through_denoiser: bool = False,
+        temper: bool = False,
     ) -> None:
+        if not math.isfinite(scale):
+            raise ValueError(f"scale: expected a finite gradient-guidance scale, got {scale}")
         self.denoise, self.log_prob, self.schedule, self.scale = denoise, log_prob, schedule, scale
         self.space = space if space is not None else Euclidean()
-        self.through_denoiser = through_denoiser
+        self.through_denoiser, self.temper = through_denoiser, temper
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         t64 = torch.as_tensor(t, dtype=torch.float64)
@@ -122,7 +130,8 @@ class GradientGuidance:
                 lp = self.log_prob(xg, t)
             (grad,) = torch.autograd.grad(lp.sum(), xg)
         grad = self.space.project(grad)
-        return d.detach() + (self.scale * s**2 / a) * grad
+        weight = self.scale * s**2 / a * (a**2 / (a**2 + s**2) if self.temper else 1.0)
+        return d.detach() + weight * grad
 
 
 class Inpaint:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .checkpoint import load_checkpoint_for_sampling
 from .config import ConfigError, config_from_dict, config_to_dict, load_config
 from .diffusion import Denoiser
-from .guidance import ClassifierFreeGuidance, Inpaint
+from .guidance import ClassifierFreeGuidance, GradientGuidance, Inpaint
 from .registry import Domain, SampleRequest, get_domain, run_config_class
 from .samplers import StepInfo, get_sampler, prior
 from .schedules import make_grid
@@ -142,11 +142,13 @@ def generate(
     steps: int,
     grid: str = "karras",
     guidance: float = 1.0,
+    gradient_scale: float = 0.0,
     generator: torch.Generator | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     **opts: Any,
 ) -> Tensor:
-    """Sample one request with any core sampler, classifier-free guidance and inpainting as asked."""
+    """Sample one request with any core sampler, classifier-free guidance, gradient guidance toward the
+    domain's targets (``Domain.guidance_log_prob``, tempered reconstruction guidance) and inpainting as asked."""
     den = model.denoiser
     device = next(den.parameters()).device
     space, kwargs = request.space, request.kwargs
@@ -160,6 +162,10 @@ def generate(
     else:
         denoise = lambda x, t: cond_denoise(x, t, request.cond)  # noqa: E731
     schedule = den.schedule
+    if gradient_scale != 0.0:
+        log_prob = model.domain.guidance_log_prob(model.cfg, request)
+        denoise = GradientGuidance(denoise, log_prob, schedule, gradient_scale, space=space, through_denoiser=True,
+                                   temper=True)
     ts = make_grid(schedule, steps, grid)
     like = request.like.to(device)
     x = prior(schedule, ts[0], like, space, generator)

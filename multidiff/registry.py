@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
@@ -119,6 +119,10 @@ class Domain(ABC):
     @abstractmethod
     def evaluate(self, path: Path, cfg: Any | None = None) -> dict[str, float]:
         """Metrics of samples written by ``write`` (a file or directory)."""
+
+    def guidance_log_prob(self, cfg: Any, request: SampleRequest) -> Callable[[Tensor, Tensor], Tensor]:
+        """Optional: ``log_prob(x0, t) -> [B]`` of the request's targets, for gradient guidance (``--gradient-scale``)."""
+        raise ValueError(f"domain {self.name!r} has no gradient guidance (it defines no predictor of its conditions)")
 
     def eval_during_training(self, cfg: Any) -> Any:
         """Optional ``eval_fn(ema_model, step) -> metrics`` used every ``train.eval_every`` steps."""

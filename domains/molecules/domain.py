@@ -81,6 +81,7 @@ class MolData:
     radius: float | None = None  # EGNN interaction cut-off in Angstrom (None: fully connected)
     cache_dir: Path | None = None  # QM9 tensor cache; None: $MULTIDIFF_CACHE or ~/.cache/multidiff
     novelty: bool = False  # evaluate: compute novelty (builds the cached training SMILES once, ~1 min)
+    predictor: str | None = None  # property-predictor run/checkpoint: property MAE in evaluate, --gradient-scale targets
     # Written by training into the run config, so that sampling needs only the checkpoint:
     n_atoms_counts: list[int] = field(default_factory=list)  # [n] = training molecules with n atoms
     property_mean: list[float] = field(default_factory=list)
@@ -255,6 +256,8 @@ class MoleculesDomain(Domain):
         self._mean = torch.zeros(0)
         self._mad = torch.ones(0)
         self._prop_cols: list[int] = []
+        self._predictors: dict[str, Any] = {}
+        self._baselines: dict[tuple[str, int | None], dict[str, dict[str, float]]] = {}
 
     # --- data -----------------------------------------------------------------------------------------------------
     def qm9(self, data: MolData) -> Any:
@@ -421,12 +424,15 @@ class MoleculesDomain(Domain):
         if mask is not None:
             raise ValueError("molecules: --mask is not used; with --inpaint FRAGMENT the fragment's atoms are kept "
                              "and the others generated (set their number with --condition n=N)")
-        valid = ["n", *data.conditioning]
+        guided = [] if data.predictor is None else [
+            k for k in self.predictor(data).names if k not in data.conditioning]
+        valid = ["n", *data.conditioning, *guided]
         unknown = [k for k in conditions if k not in valid]
         if unknown:
-            hint = (" (this model is unconditional; train with data.conditioning to condition on properties)"
-                    if not data.conditioning else "")
+            hint = (" (this model is unconditional; train with data.conditioning to condition on properties, or set "
+                    "data.predictor to steer toward them with --gradient-scale)" if not valid[1:] else "")
             raise ValueError(f"molecules: unknown condition(s) {unknown}; valid: {valid}{hint}")
+        targets = [*data.conditioning, *(k for k in guided if k in conditions)]
         g = torch.Generator().manual_seed(seed)
         fragment = self._read_fragment(inpaint) if inpaint is not None else None
         n_frag = len(fragment[1]) if fragment is not None else 0
@@ -451,7 +457,7 @@ class MoleculesDomain(Domain):
                 raise ValueError(f"molecules: {inpaint} has {n_frag} atoms; no training molecule is larger")
             sizes = torch.multinomial(allowed, num, replacement=True, generator=g)
         batch = torch.repeat_interleave(torch.arange(num), sizes)
-        cond, props = self._properties(cfg, conditions, sizes, g)
+        cond, props = self._properties(cfg, targets, conditions, sizes, g)
         nf = num_features(data)
         like = torch.zeros(int(sizes.sum()), 3 + nf)
         meta: dict[str, Any] = {"sizes": sizes, "properties": props, "include_charges": data.include_charges}
@@ -493,11 +499,14 @@ class MoleculesDomain(Domain):
         z = torch.tensor([ATOMIC_NUMBERS[s] for s in mol.elements], dtype=torch.long)
         return torch.as_tensor(mol.positions, dtype=torch.float32), z
 
-    def _properties(self, cfg: Any, conditions: dict[str, str], sizes: Tensor,
+    def _properties(self, cfg: Any, names: list[str], conditions: dict[str, str], sizes: Tensor,
                     g: torch.Generator) -> tuple[dict[str, Tensor] | None, dict[str, list[float]]]:
-        """Properties per molecule: given values, else drawn from p(property | n) of the training set (EDM)."""
+        """Target properties per molecule: given values, else drawn from p(property | n) of the training set (EDM).
+
+        ``names`` are the model's conditioning properties followed by gradient-guidance-only targets; the
+        model's condition tensor holds the former, normalised by the training mean / MAD.
+        """
         data = cfg.data
-        names = list(data.conditioning)
         if not names:
             return None, {}
         given: dict[str, float] = {}
@@ -510,7 +519,7 @@ class MoleculesDomain(Domain):
                 if not math.isfinite(given[name]):
                     raise ValueError(f"molecules: {name} must be finite, got {conditions[name]!r}")
         num = len(sizes)
-        values = torch.zeros(num, len(names))
+        values = torch.zeros(num, len(names), dtype=torch.float64)
         if len(given) < len(names):
             from domains.molecules.data import PropertyGivenN
 
@@ -520,14 +529,56 @@ class MoleculesDomain(Domain):
             supported = set(model.supported_n)
             # sizes outside the training support (e.g. n=29 with few molecules) borrow the nearest supported n
             near = torch.tensor([min(supported, key=lambda s: (abs(s - int(n)), s)) for n in sizes])
-            values = model.sample(near, generator=g)
+            values = model.sample(near, generator=g).to(torch.float64)
         for k, name in enumerate(names):
             if name in given:
                 values[:, k] = given[name]
+        props = {name: values[:, k].tolist() for k, name in enumerate(names)}
+        if not data.conditioning:
+            return None, props
         mean = torch.tensor(data.property_mean, dtype=torch.float32)
         mad = torch.tensor(data.property_mad, dtype=torch.float32)
-        cond = {"properties": ((values - mean) / mad).to(torch.float32)}
-        return cond, {name: values[:, k].tolist() for k, name in enumerate(names)}
+        cond = {"properties": ((values[:, : len(data.conditioning)] - mean) / mad).to(torch.float32)}
+        return cond, props
+
+    # --- property predictor: gradient guidance and EDM's property MAE -------------------------------------------
+    def predictor(self, data: MolData) -> Any:
+        """The property predictor named by ``data.predictor`` (loaded once per path)."""
+        from domains.molecules.properties import load_predictor
+
+        if data.predictor is None:
+            raise ValueError("molecules: no property predictor; set data.predictor=RUN_OR_CHECKPOINT (train one with "
+                             "`multidiff train molecules --config property_predictor`)")
+        key = str(Path(data.predictor).expanduser())
+        if key not in self._predictors:
+            self._predictors[key] = load_predictor(key)
+        return self._predictors[key]
+
+    def guidance_log_prob(self, cfg: Any, request: SampleRequest) -> Any:
+        """Gaussian log-likelihood (unit: the predictor's MAD) of the request's target properties under the predictor."""
+        from domains.molecules.properties import guidance_log_prob
+
+        predictor = self.predictor(cfg.data)
+        props = request.meta.get("properties") or {}
+        names = [n for n in props if n in predictor.names]
+        if not names:
+            raise ValueError(f"molecules: --gradient-scale needs a target for a property the predictor {predictor.path} "
+                             f"predicts ({predictor.names}): give --condition {predictor.names[0]}=VALUE")
+        targets = torch.tensor([props[n] for n in names], dtype=torch.float32).T
+        return guidance_log_prob(predictor, targets, names, request.kwargs["batch"], request.space.num_samples,
+                                 cfg.data.include_charges)
+
+    def property_baselines(self, data: MolData) -> dict[str, dict[str, float]]:
+        """EDM's reference rows for the predictor (QM9 lower bound, shuffled labels, n atoms only), cached per run."""
+        from domains.molecules.data import _resolve_indices
+        from domains.molecules.properties import property_baselines
+
+        predictor = self.predictor(data)
+        key = (str(predictor.path), predictor.step)
+        if key not in self._baselines:
+            qm9 = self.qm9(data)
+            self._baselines[key] = property_baselines(predictor, qm9, _resolve_indices(len(qm9), "generator"))
+        return self._baselines[key]
 
     def decode(self, x: Tensor, request: SampleRequest) -> MolSamples:
         x = x.detach().cpu().to(torch.float32)
@@ -585,7 +636,41 @@ class MoleculesDomain(Domain):
         reference = None
         if data.novelty or self._smiles_cache(data).is_file():
             reference = self.reference_smiles(data)
-        return dict(evaluate_molecules(mols, reference))
+        metrics: dict[str, float] = dict(evaluate_molecules(mols, reference))
+        if data.predictor is not None:
+            from domains.molecules.properties import property_metrics
+
+            targets = _samples_targets(Path(path))
+            metrics.update(property_metrics(self.predictor(data), mols, targets, self.property_baselines(data)))
+        return metrics
+
+
+def _samples_targets(path: Path) -> dict[str, list[float]]:
+    """Target properties written by ``write`` into the XYZ comment lines (``molecule k alpha=80 ...``); {} if none."""
+    target = path / SAMPLES_XYZ if path.is_dir() else path
+    if target.suffix.lower() != ".xyz":
+        return {}
+    lines = target.read_text().splitlines()
+    rows: list[dict[str, float]] = []
+    i = 0
+    while i < len(lines):
+        if not lines[i].strip():
+            i += 1
+            continue
+        n = int(lines[i].split()[0])
+        comment = lines[i + 1] if i + 1 < len(lines) else ""
+        row = {}
+        for token in comment.split():
+            key, sep, value = token.partition("=")
+            if sep and key in PROPERTY_NAMES:
+                try:
+                    row[key] = float(value)
+                except ValueError:
+                    raise ValueError(f"{target}, line {i + 2}: {key}={value!r} is not a number") from None
+        rows.append(row)
+        i += 2 + n
+    names = [k for k in PROPERTY_NAMES if rows and all(k in r for r in rows)]
+    return {k: [r[k] for r in rows] for k in names}
 
 
 def _read_samples_xyz(path: Path) -> list[Any]:
