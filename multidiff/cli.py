@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -162,7 +163,7 @@ def sample(
     import torch
 
     from . import pipeline
-    from .registry import get_domain
+    from .registry import Domain, get_domain
 
     try:
         dev = _resolve_device(device)
@@ -176,14 +177,22 @@ def sample(
         items = [c if "=" in c else f"label={c}" for c in (condition or [])]
         conditions = _parse_conditions(items)
         n = num if num is not None else scfg.num
-        request = dom.request(model.cfg, n, conditions, inpaint, mask, seed)
+        if n < 1:
+            raise ValueError(f"--num must be >= 1, got {n}")
+        chunk = n if type(dom).merge is Domain.merge else max(1, scfg.batch_size)
         g = torch.Generator(device=dev).manual_seed(seed)
         n_steps = steps if steps is not None else scfg.steps
-        with _progress(progress, n_steps, f"sampling {n} x {domain}") as cb:
-            x = pipeline.generate(model, request, sampler=sampler or scfg.sampler, steps=n_steps, grid=grid or scfg.grid,
-                                  guidance=guidance if guidance is not None else scfg.guidance,
-                                  gradient_scale=gradient_scale, generator=g, callback=cb)
-        samples = dom.decode(x, request)
+        parts = []
+        with _progress(progress, n_steps * math.ceil(n / chunk), f"sampling {n} x {domain}") as cb:
+            for k, start in enumerate(range(0, n, chunk)):
+                # the chunk starting at sample s draws its domain choices (sizes, labels...) with seed + s
+                request = dom.request(model.cfg, min(chunk, n - start), conditions, inpaint, mask, seed + start)
+                step_cb = None if cb is None else (lambda info, k=k: cb(info, k * n_steps))
+                x = pipeline.generate(model, request, sampler=sampler or scfg.sampler, steps=n_steps,
+                                      grid=grid or scfg.grid, guidance=guidance if guidance is not None else scfg.guidance,
+                                      gradient_scale=gradient_scale, generator=g, callback=step_cb)
+                parts.append(dom.decode(x, request))
+        samples = parts[0] if len(parts) == 1 else dom.merge(parts)
         out.mkdir(parents=True, exist_ok=True)
         files = dom.write(samples, out)
         metrics = dom.evaluate(out, model.cfg)
@@ -216,7 +225,7 @@ class _progress:
                             TimeElapsedColumn(), TimeRemainingColumn(), console=_console())
         self.bar.__enter__()
         task = self.bar.add_task(self.label, total=self.total)
-        return lambda info: self.bar.update(task, completed=info.i + 1)
+        return lambda info, done=0: self.bar.update(task, completed=done + info.i + 1)
 
     def __exit__(self, *exc: object) -> None:
         if self.enabled:

@@ -112,6 +112,11 @@ class Domain(ABC):
     def decode(self, x: Tensor, request: SampleRequest) -> Any:
         """Sampler output -> domain samples (e.g. waveforms, molecules)."""
 
+    def merge(self, parts: list[Any]) -> Any:
+        """Optional: join the decoded samples of consecutive chunks (lets ``multidiff sample`` bound memory by
+        ``sample.batch_size``); domains without it are sampled in one batch."""
+        raise NotImplementedError
+
     @abstractmethod
     def write(self, samples: Any, out_dir: Path) -> list[Path]:
         """Write samples (files a user opens) into ``out_dir``."""

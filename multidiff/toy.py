@@ -134,6 +134,9 @@ class ToyDomain(Domain):
     def decode(self, x: Tensor, request: SampleRequest) -> dict[str, Tensor]:
         return {"x": x.detach().cpu(), "label": request.meta["labels"]}
 
+    def merge(self, parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return {key: torch.cat([p[key] for p in parts]) for key in ("x", "label")}
+
     def write(self, samples: dict[str, Tensor], out_dir: Path) -> list[Path]:
         from .demo import save_scatter
 

@@ -52,6 +52,20 @@ def test_conditional_sampling_and_seed(toy_run: Path, tmp_path: Path) -> None:
     assert (tmp_path / "a" / "samples.csv").read_text() == (tmp_path / "b" / "samples.csv").read_text()
 
 
+def test_sampling_in_chunks_of_sample_batch_size(toy_run: Path, tmp_path: Path) -> None:
+    """--num larger than sample.batch_size is generated chunk by chunk and written as one set."""
+    args = ["sample", "toy", "sample.batch_size=7", "--checkpoint", str(toy_run), "--num", "300", "--condition", "label=5",
+            "--no-progress"]
+    res = last_json(cli(*args, "--out", str(tmp_path / "a")))
+    rows = (tmp_path / "a" / "samples.csv").read_text().splitlines()
+    assert len(rows) == 301 and all(r.endswith(",5") for r in rows[1:])
+    assert res["metrics"]["conditional_accuracy"] > 0.9
+    last_json(cli(*args, "--out", str(tmp_path / "b")))
+    assert (tmp_path / "b" / "samples.csv").read_text() == (tmp_path / "a" / "samples.csv").read_text()
+    p = cli("sample", "toy", "train.lr=1", "--checkpoint", str(toy_run), "--out", str(tmp_path / "c"))
+    assert p.returncode != 0 and "only data.* and sample.*" in " ".join(p.stderr.split())
+
+
 def test_resume_continues_from_latest_checkpoint(toy_run: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -419,7 +419,7 @@ class AudioDomain(Domain):
         if "label" in conditions:
             labels = torch.full((num,), self._label(conditions["label"], names), dtype=torch.long)
         else:  # cycle through the classes so an unlabelled request still covers all of them
-            labels = torch.arange(num) % len(names)
+            labels = (torch.arange(num) + seed) % len(names)  # chunk at sample s gets seed + s: one cycle overall
         meta: dict[str, Any] = {"labels": labels, "class_names": names, "sample_rate": sr,
                                 "wav_format": "float" if cfg.data.wav_format == "float" else "pcm16"}
         known = keep = None
@@ -447,6 +447,10 @@ class AudioDomain(Domain):
         if request.known is not None and request.mask is not None:  # clamping never touches kept samples; be explicit
             audio = torch.where(request.mask.cpu(), request.known.cpu().float(), audio)
         return {"audio": audio, **{k: v for k, v in request.meta.items() if k != "known"}}
+
+    def merge(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**parts[0], "audio": torch.cat([p["audio"] for p in parts]),
+                "labels": torch.cat([p["labels"] for p in parts])}
 
     def write(self, samples: dict[str, Any], out_dir: Path) -> list[Path]:
         from domains.audio.features import spectrogram_grid_png

@@ -597,6 +597,11 @@ class MoleculesDomain(Domain):
             start += n
         return MolSamples(mols, request.meta.get("properties") or {})
 
+    def merge(self, parts: list[MolSamples]) -> MolSamples:
+        names = list(parts[0].properties)
+        return MolSamples([m for p in parts for m in p.molecules],
+                          {n: [v for p in parts for v in p.properties[n]] for n in names})
+
     def write(self, samples: MolSamples, out_dir: Path) -> list[Path]:
         from domains.molecules.io import write_png_grid, write_sdf, write_xyz
 

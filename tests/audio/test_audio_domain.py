@@ -80,10 +80,12 @@ def test_cli_train_sample_evaluate(run: Path, tmp_path: Path) -> None:
     assert metrics["count"] == 2.0 and metrics["duration_s"] == 1.0 and 0.0 <= metrics["peak"] <= 1.0
     numeric = {k: v for k, v in metrics.items() if isinstance(v, float)}
     assert numeric == pytest.approx({k: res["metrics"][k] for k in numeric})
-    # No label: labels cycle through the classes.
+    # No label: labels cycle through the classes, also across chunks of sample.batch_size.
     out2 = tmp_path / "cycle"
-    last_json(cli("sample", "audio", "--checkpoint", str(run), "--num", "3", "--steps", "2", "--out", str(out2), "--no-progress"))
+    last_json(cli("sample", "audio", "sample.batch_size=2", "--checkpoint", str(run), "--num", "3", "--steps", "2",
+                  "--out", str(out2), "--no-progress"))
     assert [r["label"] for r in json.loads((out2 / "labels.json").read_text())["samples"]] == [0, 1, 2]
+    assert len(list(out2.glob("*.wav"))) == 3
 
 
 def test_bad_input_exits_nonzero(run: Path, tmp_path: Path) -> None:

@@ -108,9 +108,10 @@ def test_predictor_cli_train_sample_evaluate(tmp_path: Path) -> None:
     loaded = load_predictor(pred)
     assert loaded.names == ["alpha"] and loaded.step == 10
     out = tmp_path / "s"
-    res = last_json(cli("sample", "molecules", f"data.predictor={pred}", "--condition", "alpha=70", "--num", "6",
+    res = last_json(cli("sample", "molecules", f"data.predictor={pred}", "sample.batch_size=4", "--condition", "alpha=70", "--num", "6",
                         "--steps", "8", "--gradient-scale", "1", "--out", str(out), "--no-progress"))
     m = res["metrics"]
+    assert m["num_molecules"] == 6 and _samples_targets(out) == {"alpha": [70.0] * 6}  # two chunks, one set
     for key in ("alpha_mae", "alpha_mae_qm9_lower_bound", "alpha_mae_shuffled_labels", "alpha_mae_n_atoms_only"):
         assert np.isfinite(m[key]), key
     again = last_json(cli("evaluate", "molecules", str(out), f"data.predictor={pred}"))
