@@ -40,6 +40,7 @@ __all__ = [
     "MANIFEST_FILE",
     "save_weights",
     "load_weights",
+    "export_weights",
     "save_checkpoint",
     "verify_checkpoint",
     "list_checkpoints",
@@ -457,3 +458,18 @@ def load_checkpoint_for_sampling(path: Path | str) -> LoadedCheckpoint:
             verify_checkpoint(target.parent)
     model_state, ema_state, config, meta = load_weights(weights)
     return LoadedCheckpoint(weights, model_state, ema_state, config, meta)
+
+
+def export_weights(src: Path | str, out: Path | str, config: Mapping[str, Any] | None = None,
+                   prefer_ema: bool = True) -> Path:
+    """One self-contained inference file from a run / checkpoint: the EMA (else raw) weights as ``model.*`` plus
+    the run config (``config`` replaces it, e.g. with changed sample defaults) and the step, written atomically."""
+    ckpt = load_checkpoint_for_sampling(src)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: the exported file must end in .safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    used_ema = prefer_ema and ckpt.ema_state is not None
+    meta = {"step": ckpt.step, "exported_from": str(ckpt.path), "weights": "ema" if used_ema else "model"}
+    save_weights(out, ckpt.weights(prefer_ema), None, dict(config) if config is not None else ckpt.config, meta)
+    return out

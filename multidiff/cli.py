@@ -268,6 +268,35 @@ def evaluate(
 
 
 @app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Run dir, checkpoint dir or .safetensors file.")],
+    out: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="data.* / sample.* changes to the embedded config, e.g. sample.guidance=3.")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Export the raw weights instead of the EMA weights.")] = False,
+) -> None:
+    """Write one self-contained inference file (EMA weights + run config) for sharing or shipping.
+
+    Example: `multidiff export runs/audio data/checkpoints/audio.safetensors sample.guidance=3`.
+    """
+    from .checkpoint import export_weights, load_checkpoint_for_sampling
+    from .config import ConfigError, config_from_dict, config_to_dict
+    from .registry import get_domain, run_config_class
+
+    try:
+        ckpt = load_checkpoint_for_sampling(checkpoint)
+        if "domain" not in ckpt.config:
+            raise ConfigError(f"{ckpt.path}: the checkpoint's config has no 'domain' (not written by multidiff train?)")
+        dom = get_domain(ckpt.config["domain"])
+        cfg = config_from_dict(run_config_class(dom), ckpt.config, source=f"{ckpt.path} (embedded config)")
+        cfg = _override_loaded(cfg, overrides, f"{ckpt.path} (embedded config)")
+        path = export_weights(checkpoint, out, config_to_dict(cfg), prefer_ema=not raw)
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    print(json.dumps({"out": str(path), "bytes": path.stat().st_size, "step": ckpt.step}))
+
+
+@app.command()
 def data(
     domain: DomainArg,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides of the data section.")] = None,

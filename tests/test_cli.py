@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ENV = {**os.environ, "MULTIDIFF_MALLOC": "system", "OMP_NUM_THREADS": "1"}
 
@@ -64,6 +65,26 @@ def test_sampling_in_chunks_of_sample_batch_size(toy_run: Path, tmp_path: Path) 
     assert (tmp_path / "b" / "samples.csv").read_text() == (tmp_path / "a" / "samples.csv").read_text()
     p = cli("sample", "toy", "train.lr=1", "--checkpoint", str(toy_run), "--out", str(tmp_path / "c"))
     assert p.returncode != 0 and "only data.* and sample.*" in " ".join(p.stderr.split())
+
+
+def test_export_writes_one_inference_file_with_changed_sample_defaults(toy_run: Path, tmp_path: Path) -> None:
+    from multidiff.checkpoint import load_weights
+    from multidiff.pipeline import load_model
+
+    out = tmp_path / "toy.safetensors"
+    res = last_json(cli("export", str(toy_run), str(out), "sample.steps=7"))
+    assert res["step"] == 400 and out.is_file()
+    model_state, ema_state, config, meta = load_weights(out)
+    assert ema_state is None and config["sample"]["steps"] == 7 and meta["weights"] == "ema"
+    run = load_model(toy_run)
+    shipped = load_model(out)
+    assert shipped.cfg.sample.steps == 7 and shipped.step == 400
+    for (k, a), (k2, b) in zip(run.denoiser.state_dict().items(), shipped.denoiser.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k  # the EMA weights the run samples with
+    a = last_json(cli("sample", "toy", "--checkpoint", str(out), "--num", "50", "--out", str(tmp_path / "s"), "--no-progress"))
+    assert a["metrics"]["conditional_accuracy"] > 0.8
+    p = cli("export", str(toy_run), str(tmp_path / "x.pt"))
+    assert p.returncode != 0 and ".safetensors" in p.stderr
 
 
 def test_resume_continues_from_latest_checkpoint(toy_run: Path, tmp_path: Path) -> None:
