@@ -18,7 +18,8 @@ for every row.
 
 Numbers, one JSON line each (``{"what", "setting", "number", "unit", "machine"}``): ``cond_acc``, ``fid``, ``is``,
 ``mis``, ``am``, ``ndb_k`` (and ``ndb``, the count of different bins) per row ``setting.row`` in
-{"samples", "real test (all)", "real test (size-matched)"}, plus ``sampling s`` and ``rtf``.
+{"samples", "real test (all)", "real test (size-matched)"}, plus ``sampling s``, ``rtf`` and ``patch_grid_share``
+(the frame-periodic part of the denoiser's output on silence: the tonal lines at multiples of sample_rate / patch).
 
     python bench/audio_quality.py --checkpoint runs/audio_fast [--per-label 16] [--steps 25] [--out samples/q]
 """
@@ -78,6 +79,30 @@ def balanced_subset(labels: torch.Tensor, per_label: int, num_classes: int, seed
         where = torch.nonzero(labels == c).flatten()
         idx.append(where[torch.randperm(len(where), generator=g)[:per_label]])
     return torch.cat(idx).sort().values
+
+
+def patch_grid_share(model: pipeline.LoadedModel, times: tuple[float, ...] = (0.6, 0.25, 0.1), seed: int = 0) -> dict[float, float]:
+    """Share of the denoised output's RMS that repeats every ``model.patch`` samples when the clean signal is silence.
+
+    The denoiser sees pure noise around x0 = 0 (labels 0..9); a perfect model returns ~0 there, and a frame-periodic
+    residual of the patchify head shows up as tonal lines at multiples of sample_rate / patch (1 kHz at 16 kHz / 16).
+    """
+    den, cfg = model.denoiser, model.cfg
+    patch = int(cfg.model.patch)
+    length = int(round(cfg.data.sample_rate * cfg.data.seconds))
+    length -= length % patch
+    labels = torch.arange(len(cfg.data.class_names))
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in times:
+        tt = torch.tensor(t, dtype=torch.float64)
+        x = float(den.schedule.sigma(tt)) * torch.randn(len(labels), 1, length, generator=g)
+        with torch.no_grad():
+            d = den(x, tt, {"label": labels})
+        frames = d.reshape(len(labels), length // patch, patch)
+        periodic = frames.mean(1, keepdim=True) - frames.mean((1, 2), keepdim=True)
+        out[t] = float(periodic.pow(2).mean().sqrt() / d.pow(2).mean().sqrt().clamp_min(1e-12))
+    return out
 
 
 def main() -> None:
@@ -152,6 +177,9 @@ def main() -> None:
     emit_row("samples", metrics, setting)
     for key in ("rms", "silent_share"):
         emit(key, {**setting, "row": "samples", "n": n_gen}, metrics[key], "fraction" if key == "silent_share" else "rms")
+    if cfg.model.patch > 1:
+        for t, share in patch_grid_share(model).items():
+            emit("patch_grid_share", {**setting, "t": t, "patch": cfg.model.patch}, share, "fraction of denoised RMS on silence")
 
     # --- the real data's row ---
     if a.no_reference:
