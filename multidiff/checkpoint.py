@@ -184,6 +184,9 @@ def save_weights(
         metadata[key] = json.dumps(value)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; give them the usual permissions
     _fsync_file(tmp)
     os.replace(tmp, path)
 

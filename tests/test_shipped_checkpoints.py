@@ -32,3 +32,17 @@ def test_shipped_classifier_loads() -> None:
     clf = load_any_classifier(CKPTS / "audio_classifier.safetensors")
     logits = clf(torch.zeros(1, 1, 16000))
     assert logits.shape == (1, 10)
+
+
+def test_shipped_alpha_predictor_beats_shuffled_labels() -> None:
+    """The shipped property predictor is far better than chance on molecules it never saw (generator half)."""
+    from domains.molecules.data import _resolve_indices, load_qm9
+    from domains.molecules.properties import load_predictor, property_baselines
+
+    path = CKPTS / "molecules_alpha_predictor.safetensors"
+    assert path.stat().st_size <= 20 * 2**20
+    predictor = load_predictor(path)
+    assert predictor.names == ["alpha"]
+    qm9 = load_qm9(progress=False)
+    rows = property_baselines(predictor, qm9, _resolve_indices(len(qm9), "generator"), num=300)["alpha"]
+    assert rows["qm9"] < 0.5 * rows["n_atoms"] < 0.5 * rows["shuffled"]
