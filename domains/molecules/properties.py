@@ -169,10 +169,12 @@ def property_metrics(predictor: PropertyPredictor, mols: Sequence[MoleculeLike],
 
 def guidance_log_prob(predictor: PropertyPredictor, targets: Tensor, names: Sequence[str], batch: Tensor,
                       num_graphs: int, include_charges: bool) -> Callable[[Tensor, Tensor], Tensor]:
-    """``log p(y | x0) = -1/2 sum_p ((f_p(x0) - y_p) / MAD_p)^2`` per molecule, for reconstruction guidance.
+    """``log p(y | x0) = -sum_p |f_p(x0) - y_p| / MAD_p`` per molecule, for reconstruction guidance.
 
-    ``x0`` are the denoiser's rows ``[pos | features]``; ``targets`` [B, len(names)] are in physical units and
-    ``names`` must be properties the predictor predicts. The unit of the Gaussian is the predictor's MAD.
+    A Laplace likelihood, the one the predictor's L1 training fits; unlike a Gaussian its gradient does not grow
+    with the error, which matters at high noise where the x0 estimate is far outside the predictor's training
+    data. ``x0`` are the denoiser's rows ``[pos | features]``; ``targets`` [B, len(names)] are in physical units
+    and ``names`` must be properties the predictor predicts.
     """
     unknown = [n for n in names if n not in predictor.names]
     if unknown:
@@ -186,7 +188,7 @@ def guidance_log_prob(predictor: PropertyPredictor, targets: Tensor, names: Sequ
 
     def log_prob(x0: Tensor, t: Tensor) -> Tensor:
         pred = predictor.normalized(x0, batch.to(x0.device), num_graphs)[:, cols]
-        return -0.5 * (pred - y.to(pred)).pow(2).sum(-1)
+        return -(pred - y.to(pred)).abs().sum(-1)
 
     return log_prob
 
