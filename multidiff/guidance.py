@@ -95,7 +95,8 @@ class GradientGuidance:
     ``temper=True`` multiplies the log-likelihood by alpha^2 / (alpha^2 + sigma^2): a likelihood of the
     clean-data estimate is far too sharp at high noise, where sigma^2/alpha^2 grows without bound; tempered,
     the correction to x0 is about ``scale * sigma^2 / (alpha^2 + sigma^2) * grad_x0 log p`` (at most
-    ``scale`` times the clean-data gradient, vanishing as sigma -> 0).
+    ``scale`` times the clean-data gradient, vanishing as sigma -> 0). ``clip`` bounds every entry of the
+    correction to [-clip, clip] (a predictor can have huge gradients far from its training data).
     """
 
     def __init__(
@@ -108,12 +109,15 @@ class GradientGuidance:
         space: Space | None = None,
         through_denoiser: bool = False,
         temper: bool = False,
+        clip: float | None = None,
     ) -> None:
         if not math.isfinite(scale):
             raise ValueError(f"scale: expected a finite gradient-guidance scale, got {scale}")
+        if clip is not None and not clip > 0:
+            raise ValueError(f"clip: expected a positive bound on the correction, got {clip}")
         self.denoise, self.log_prob, self.schedule, self.scale = denoise, log_prob, schedule, scale
         self.space = space if space is not None else Euclidean()
-        self.through_denoiser, self.temper = through_denoiser, temper
+        self.through_denoiser, self.temper, self.clip = through_denoiser, temper, clip
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         t64 = torch.as_tensor(t, dtype=torch.float64)
@@ -129,9 +133,11 @@ class GradientGuidance:
                 d = self.denoise(x, t)
                 lp = self.log_prob(xg, t)
             (grad,) = torch.autograd.grad(lp.sum(), xg)
-        grad = self.space.project(grad)
         weight = self.scale * s**2 / a * (a**2 / (a**2 + s**2) if self.temper else 1.0)
-        return d.detach() + weight * grad
+        delta = weight * grad
+        if self.clip is not None:
+            delta = delta.clamp(-self.clip, self.clip)
+        return d.detach() + self.space.project(delta)
 
 
 class Inpaint:

@@ -165,7 +165,7 @@ def generate(
     if gradient_scale != 0.0:
         log_prob = model.domain.guidance_log_prob(model.cfg, request)
         denoise = GradientGuidance(denoise, log_prob, schedule, gradient_scale, space=space, through_denoiser=True,
-                                   temper=True)
+                                   temper=True, clip=model.domain.guidance_clip)
     ts = make_grid(schedule, steps, grid)
     like = request.like.to(device)
     x = prior(schedule, ts[0], like, space, generator)

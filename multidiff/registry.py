@@ -66,6 +66,7 @@ class Domain(ABC):
     DataConfig: ClassVar[type]
     ModelConfig: ClassVar[type]
     default_recipe: ClassVar[str] = "default"
+    guidance_clip: ClassVar[float | None] = None  # bound on each entry of a gradient-guidance correction per call
 
     # --- data and model ---------------------------------------------------------------------------
     @abstractmethod

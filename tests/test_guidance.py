@@ -134,6 +134,19 @@ def test_tempered_reconstruction_guidance_steers_toward_a_target() -> None:
     assert (out[:, 0] > 0).float().mean() > 0.9 > 0.6 > (unguided[:, 0] > 0).float().mean()
     with pytest.raises(ValueError, match="finite"):
         GradientGuidance(MIX.denoiser(SCH), near_two, SCH, scale=float("nan"))
+    with pytest.raises(ValueError, match="positive"):
+        GradientGuidance(MIX.denoiser(SCH), near_two, SCH, clip=0.0)
+
+
+def test_gradient_guidance_clip_bounds_each_entry_of_the_correction() -> None:
+    c = torch.tensor([50.0, -0.01], dtype=torch.float64)
+    x = torch.randn(7, 2, dtype=torch.float64)
+    t = torch.tensor(0.5, dtype=torch.float64)
+    base = MIX.denoiser(SCH)
+    shift = GradientGuidance(base, lambda x, t: x @ c, SCH, scale=1.0, clip=0.2)(x, t) - base(x, t)
+    a, s = float(SCH.alpha(t)), float(SCH.sigma(t))
+    assert torch.allclose(shift[:, 0], torch.full((7,), 0.2, dtype=torch.float64))  # clipped
+    assert torch.allclose(shift[:, 1], torch.full((7,), -0.01 * s**2 / a, dtype=torch.float64))  # below the bound
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))

@@ -247,6 +247,9 @@ class MoleculesDomain(Domain):
     DataConfig = MolData
     ModelConfig = MolModel
     default_recipe = "qm9"
+    # Predictor guidance moves each coordinate by at most 0.3 (Angstrom for positions) per denoiser call: without a
+    # bound a few molecules fly apart (pushing atoms apart raises alpha, and the predictor's gradient grows with it).
+    guidance_clip = 0.3
 
     def __init__(self) -> None:
         self._qm9: Any = None
