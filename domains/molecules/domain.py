@@ -22,6 +22,8 @@ fragment frame back: the fragment atoms come out at their input coordinates (up 
     multidiff sample molecules --checkpoint runs/cond --condition alpha=80 --guidance 2
     multidiff sample molecules --inpaint fragment.sdf --condition n=15
     multidiff evaluate molecules samples/mol
+    multidiff sample molecules data.predictor=data/checkpoints/molecules_alpha_predictor.safetensors \
+        --condition alpha=60 --gradient-scale 3                   # steer with the property predictor
 """
 
 from __future__ import annotations
@@ -558,7 +560,7 @@ class MoleculesDomain(Domain):
         return self._predictors[key]
 
     def guidance_log_prob(self, cfg: Any, request: SampleRequest) -> Any:
-        """Gaussian log-likelihood (unit: the predictor's MAD) of the request's target properties under the predictor."""
+        """Laplace log-likelihood (unit: the predictor's MAD) of the request's target properties under the predictor."""
         from domains.molecules.properties import guidance_log_prob
 
         predictor = self.predictor(cfg.data)
