@@ -14,7 +14,7 @@ Per setting, one JSON line each ({"what", "setting", "number", "unit", "machine"
 - ``atom_stability``, ``mol_stability``, ``validity``, ``uniqueness`` (of valid), ``valid_x_unique``:
   ``domains.molecules.metrics.evaluate_molecules`` on all ``--num`` molecules (EDM, Hoogeboom et al. 2022).
 
-Cost: at 50 steps the shipped checkpoint samples about 12 molecules/s on one CPU thread, so the default
+Cost: at 50 steps the shipped checkpoint samples about 10-16 molecules/s on one CPU thread, so the default
 grid (1000 molecules x 1425 steps per sampler, Heun twice the NFE) takes hours on a CPU; use e.g.
 ``--num 100 --steps 25 50`` for a quick look.
 
