@@ -91,7 +91,6 @@ class AudioModel:
     heads: int = 4
     patch: int = 16
     patch_overlap: bool = True
-    head_demean: int = 0  # odd frame window; removes the frame-periodic head output behind 1 kHz tones (0 = off)
     kernel_size: int = 3
     dropout: float = 0.0
     # kind=classifier
@@ -354,7 +353,7 @@ class AudioDomain(Domain):
         net = UNet1D(in_channels=1, channels=m.channels, multipliers=tuple(m.multipliers), factors=tuple(m.factors),
                      blocks=tuple(m.blocks), attention_levels=m.attention_levels, heads=m.heads,
                      num_classes=len(_class_names(cfg.data)), patch=m.patch, dropout=m.dropout,
-                     kernel_size=m.kernel_size, patch_overlap=m.patch_overlap, head_demean=m.head_demean)
+                     kernel_size=m.kernel_size, patch_overlap=m.patch_overlap)
         length = _clip_length(cfg.data)
         if length % net.total_factor:
             raise ValueError(f"clip length {length} samples ({cfg.data.seconds} s x {cfg.data.sample_rate} Hz) is not "

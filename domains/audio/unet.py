@@ -42,7 +42,6 @@ __all__ = [
     "Downsample1D",
     "Upsample1D",
     "Unpatchify1D",
-    "demean_frames",
 ]
 
 
@@ -188,11 +187,6 @@ class Unpatchify1D(nn.Module):
         return out + self.bias[:, None]
 
 
-def demean_frames(h: Tensor, window: int) -> Tensor:
-    """``h`` [B, C, L] minus its centred moving average over ``window`` (odd) frames, edges averaged over what exists."""
-    return h - F.avg_pool1d(h, window, stride=1, padding=window // 2, count_include_pad=False)
-
-
 class _Stage(nn.Module):
     """A residual block optionally followed by self-attention (one ADM 'TimestepEmbedSequential')."""
 
@@ -227,9 +221,6 @@ class UNet1D(nn.Module):
         patch_overlap: patchify/unpatchify kernels span two patches (``2 * patch``) instead of one,
             which avoids a hard seam every ``patch`` samples at the same cost order.
         kernel_size: conv kernel in residual blocks (odd).
-        head_demean: odd window in frames (0 = off); the head's input minus its moving average over that many
-            frames. A frame-constant hidden state would otherwise be emitted as a waveform repeating every
-            ``patch`` samples (tones at multiples of sample_rate / patch).
         dropout: dropout inside residual blocks.
         emb_dim: conditioning-vector width (default ``4 * channels``).
 
@@ -252,12 +243,8 @@ class UNet1D(nn.Module):
         kernel_size: int = 3,
         patch_overlap: bool = True,
         emb_dim: int | None = None,
-        head_demean: int = 0,
     ) -> None:
         super().__init__()
-        if head_demean < 0 or (head_demean and head_demean % 2 == 0):
-            raise ValueError(f"UNet1D: head_demean must be 0 or an odd number of frames, got {head_demean}")
-        self.head_demean = head_demean
         n_levels = len(multipliers)
         if n_levels == 0 or len(factors) != n_levels:
             raise ValueError(f"UNet1D: need len(factors) == len(multipliers) >= 1, got {factors} and {multipliers}")
@@ -392,10 +379,7 @@ class UNet1D(nn.Module):
             for stage in stages:
                 h = stage(torch.cat([h, skips.pop()], dim=1), emb)
             h = up(h)
-        h = F.silu(self.out_norm(h))
-        if self.head_demean > 1:
-            h = demean_frames(h, self.head_demean)
-        return self.head(h)
+        return self.head(F.silu(self.out_norm(h)))
 
 
 # Keyword presets for ``UNet1D(**UNET1D_PRESETS[name])``. Forward of a batch of 16 x 1 s at 16 kHz on 2 idle

@@ -223,24 +223,3 @@ def test_overfits_two_sines() -> None:
     assert first == pytest.approx(0.5, rel=1e-3)  # zero output at init: loss = mean(clean^2)
     # Returning the noisy input would score sigma^2 = 0.25; actual denoising must do far better.
     assert last < 0.1 * first, f"loss {first:.3f} -> {last:.3f}"
-
-
-def test_head_demean_removes_frame_periodic_output() -> None:
-    """With head_demean, a hidden state that is the same in every frame cannot reach the head (no patch-rate tones)."""
-    from domains.audio.unet import demean_frames
-
-    h = torch.randn(2, 6, 40)
-    const = torch.randn(2, 6, 1).expand(2, 6, 40)
-    assert demean_frames(h + const, 9).shape == h.shape
-    assert torch.allclose(demean_frames(h + const, 9), demean_frames(h, 9), atol=1e-5)
-    assert demean_frames(const, 9).abs().max() < 1e-5
-    torch.manual_seed(0)
-    net = UNet1D(channels=8, multipliers=(1, 2), factors=(1, 4), blocks=(1, 1), patch=4, head_demean=5).eval()
-    for p in net.head.parameters():
-        torch.nn.init.normal_(p)
-    seen = []
-    net.head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
-    net(torch.randn(2, 1, 64), torch.zeros(2), {"label": torch.tensor([1, 2])})
-    assert seen[0].mean(-1).abs().max() < 0.35 * seen[0].abs().mean()  # centred in time before the head
-    with pytest.raises(ValueError, match="odd"):
-        UNet1D(head_demean=4)
