@@ -463,11 +463,11 @@ def load_checkpoint_for_sampling(path: Path | str) -> LoadedCheckpoint:
     return LoadedCheckpoint(weights, model_state, ema_state, config, meta)
 
 
-def export_weights(src: Path | str, out: Path | str, config: Mapping[str, Any] | None = None,
+def export_weights(src: Path | str | LoadedCheckpoint, out: Path | str, config: Mapping[str, Any] | None = None,
                    prefer_ema: bool = True) -> Path:
-    """One self-contained inference file from a run / checkpoint: the EMA (else raw) weights as ``model.*`` plus
-    the run config (``config`` replaces it, e.g. with changed sample defaults) and the step, written atomically."""
-    ckpt = load_checkpoint_for_sampling(src)
+    """One self-contained inference file from a run / checkpoint (or one already loaded): the EMA (else raw) weights
+    as ``model.*`` plus the run config (``config`` replaces it, e.g. with changed sample defaults) and the step."""
+    ckpt = src if isinstance(src, LoadedCheckpoint) else load_checkpoint_for_sampling(src)
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: the exported file must end in .safetensors")

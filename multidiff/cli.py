@@ -289,7 +289,7 @@ def export(
         dom = get_domain(ckpt.config["domain"])
         cfg = config_from_dict(run_config_class(dom), ckpt.config, source=f"{ckpt.path} (embedded config)")
         cfg = _override_loaded(cfg, overrides, f"{ckpt.path} (embedded config)")
-        path = export_weights(checkpoint, out, config_to_dict(cfg), prefer_ema=not raw)
+        path = export_weights(ckpt, out, config_to_dict(cfg), prefer_ema=not raw)
     except _user_errors() as e:
         _fail(str(e))
         return

@@ -262,6 +262,7 @@ class MoleculesDomain(Domain):
         self._mad = torch.ones(0)
         self._prop_cols: list[int] = []
         self._predictors: dict[str, Any] = {}
+        self._given_n: dict[tuple[Any, ...], Any] = {}
         self._baselines: dict[tuple[str, int | None], dict[str, dict[str, float]]] = {}
 
     # --- data -----------------------------------------------------------------------------------------------------
@@ -526,11 +527,7 @@ class MoleculesDomain(Domain):
         num = len(sizes)
         values = torch.zeros(num, len(names), dtype=torch.float64)
         if len(given) < len(names):
-            from domains.molecules.data import PropertyGivenN
-
-            qm9 = self.qm9(data)
-            rows = self._rows(cfg, self._split(cfg))
-            model = PropertyGivenN.from_qm9(qm9, rows, names)
+            model = self._property_given_n(cfg, names)
             supported = set(model.supported_n)
             # sizes outside the training support (e.g. n=29 with few molecules) borrow the nearest supported n
             near = torch.tensor([min(supported, key=lambda s: (abs(s - int(n)), s)) for n in sizes])
@@ -545,6 +542,15 @@ class MoleculesDomain(Domain):
         mad = torch.tensor(data.property_mad, dtype=torch.float32)
         cond = {"properties": ((values[:, : len(data.conditioning)] - mean) / mad).to(torch.float32)}
         return cond, props
+
+    def _property_given_n(self, cfg: Any, names: list[str]) -> Any:
+        """p(properties | n) of the configured training split, built once per (split, size, names) and reused by chunks."""
+        from domains.molecules.data import PropertyGivenN
+
+        key = (self._split(cfg), cfg.data.max_molecules, str(cfg.data.cache_dir), tuple(names))
+        if key not in self._given_n:
+            self._given_n[key] = PropertyGivenN.from_qm9(self.qm9(cfg.data), self._rows(cfg, key[0]), names)
+        return self._given_n[key]
 
     # --- property predictor: gradient guidance and EDM's property MAE -------------------------------------------
     def predictor(self, data: MolData) -> Any:
