@@ -113,6 +113,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="default: the recipe's sample.steps")
     p.add_argument("--grid", default=None, help="default: the recipe's sample.grid")
     p.add_argument("--guidance", type=float, default=None, help="default: the recipe's sample.guidance")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only for LO < t <= HI (default: the recipe's sample.guidance_interval)")
     p.add_argument("--batch", type=int, default=None, help="clips per generate call (default: sample.batch_size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -134,13 +136,16 @@ def main() -> None:
     sampler, steps = a.sampler or sc.sampler, a.steps or sc.steps
     grid = a.grid or sc.grid
     guidance = sc.guidance if a.guidance is None else a.guidance
+    interval = tuple(a.guidance_interval) if a.guidance_interval else sc.guidance_interval
+    interval = None if interval is None else (float(interval[0]), float(interval[1]))
     batch = a.batch or sc.batch_size
     eval_cfg = copy.deepcopy(cfg)
     if not a.keep_max_clips:
         eval_cfg.data.max_clips = None
     names = list(cfg.data.class_names)
     setting = {"checkpoint": str(model.path), "step": model.step, "sampler": sampler, "steps": steps, "grid": grid,
-               "guidance": guidance, "per_label": a.per_label, "reference_max_clips": eval_cfg.data.max_clips}
+               "guidance": guidance,
+               "guidance_interval": interval, "per_label": a.per_label, "reference_max_clips": eval_cfg.data.max_clips}
 
     # --- sample ---
     chunks, labels, meta = [], [], None
@@ -151,7 +156,8 @@ def main() -> None:
             n = min(batch, a.per_label - done)
             req = domain.request(cfg, n, {"label": str(c)})
             g = torch.Generator().manual_seed(a.seed * 1_000_003 + c * 10_007 + done)
-            x = pipeline.generate(model, req, sampler=sampler, steps=steps, grid=grid, guidance=guidance, generator=g)
+            x = pipeline.generate(model, req, sampler=sampler, steps=steps, grid=grid, guidance=guidance,
+                                         guidance_interval=interval, generator=g)
             dec = domain.decode(x, req)
             chunks.append(dec["audio"])
             labels.append(dec["labels"])

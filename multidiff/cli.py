@@ -190,7 +190,7 @@ def sample(
                 step_cb = None if cb is None else (lambda info, k=k: cb(info, k * n_steps))
                 x = pipeline.generate(model, request, sampler=sampler or scfg.sampler, steps=n_steps,
                                       grid=grid or scfg.grid, guidance=guidance if guidance is not None else scfg.guidance,
-                                      gradient_scale=gradient_scale, generator=g, callback=step_cb)
+                                      guidance_interval=scfg.guidance_interval, gradient_scale=gradient_scale, generator=g, callback=step_cb)
                 parts.append(dom.decode(x, request))
         samples = parts[0] if len(parts) == 1 else dom.merge(parts)
         out.mkdir(parents=True, exist_ok=True)

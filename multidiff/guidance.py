@@ -52,6 +52,9 @@ class ClassifierFreeGuidance:
     With ``batched=True`` the conditional and unconditional passes are one call on the concatenated batch
     (x and every condition tensor are concatenated along dim 0). Graph batches that need a ``batch``
     index must use ``batched=False`` (two calls) or give ``num_samples``-aware concatenation themselves.
+
+    ``interval=(lo, hi)`` guides only at times ``lo < t <= hi`` and is plain conditional (one pass, half the
+    cost) elsewhere: guidance in a limited interval (Kynkaanniemi et al. 2024).
     """
 
     def __init__(
@@ -62,14 +65,30 @@ class ClassifierFreeGuidance:
         *,
         num_samples: int | None = None,
         batched: bool = True,
+        interval: tuple[float, float] | None = None,
     ) -> None:
         if not math.isfinite(scale):
             raise ValueError(f"scale: expected a finite guidance scale, got {scale}")
+        if interval is not None:
+            lo, hi = (float(v) for v in interval)
+            if not 0.0 <= lo < hi <= 1.0:
+                raise ValueError(f"guidance interval (sample.guidance_interval): expected [lo, hi] with 0 <= lo < hi <= 1 "
+                                 f"(diffusion times), got {interval}")
+            interval = (lo, hi)
         self.denoise, self.cond, self.scale = denoise, cond, scale
-        self.num_samples, self.batched = num_samples, batched
+        self.num_samples, self.batched, self.interval = num_samples, batched, interval
+
+    def active(self, t: Tensor) -> bool:
+        """Whether guidance applies at time ``t`` (a scalar, or one time shared by the batch)."""
+        if self.interval is None:
+            return True
+        tt = torch.as_tensor(t).detach().flatten()
+        if tt.numel() > 1 and not bool((tt == tt[0]).all()):
+            raise ValueError("ClassifierFreeGuidance: a guidance interval needs one time per call, got per-sample times")
+        return self.interval[0] < float(tt[0]) <= self.interval[1]
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        if self.scale == 1.0:
+        if self.scale == 1.0 or not self.active(t):
             return self.denoise(x, t, self.cond)
         num = self.num_samples if self.num_samples is not None else x.shape[0]
         base = self.cond.get(UNCOND)

@@ -142,13 +142,15 @@ def generate(
     steps: int,
     grid: str = "karras",
     guidance: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None,
     gradient_scale: float = 0.0,
     generator: torch.Generator | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     **opts: Any,
 ) -> Tensor:
-    """Sample one request with any core sampler, classifier-free guidance, gradient guidance toward the
-    domain's targets (``Domain.guidance_log_prob``, tempered reconstruction guidance) and inpainting as asked."""
+    """Sample one request with any core sampler, classifier-free guidance (only for t in ``guidance_interval``
+    when given), gradient guidance toward the domain's targets (``Domain.guidance_log_prob``, tempered
+    reconstruction guidance) and inpainting as asked."""
     den = model.denoiser
     device = next(den.parameters()).device
     space, kwargs = request.space, request.kwargs
@@ -158,7 +160,7 @@ def generate(
 
     if guidance != 1.0 and request.cond is not None:
         denoise = ClassifierFreeGuidance(cond_denoise, request.cond, guidance, num_samples=space.num_samples,
-                                         batched=request.batched_cfg)
+                                         batched=request.batched_cfg, interval=guidance_interval)
     else:
         denoise = lambda x, t: cond_denoise(x, t, request.cond)  # noqa: E731
     schedule = den.schedule

@@ -40,6 +40,7 @@ class SampleConfig:
     grid: Literal["uniform", "logsnr", "karras"] = "karras"
     steps: int = 25
     guidance: float = 1.0
+    guidance_interval: tuple[float, float] | None = None  # CFG only for lo < t <= hi (Kynkaanniemi et al. 2024)
     num: int = 16
     batch_size: int = 64
 

@@ -71,6 +71,31 @@ def test_cfg_combines_cond_and_uncond_in_one_batched_call() -> None:
     assert torch.allclose(ClassifierFreeGuidance(cond_denoiser, cond, 0.0)(x, t), d_u)
 
 
+def test_cfg_interval_guides_only_inside_and_halves_the_calls_outside() -> None:
+    """Guidance in a limited interval (Kynkaanniemi et al. 2024): plain conditional outside (lo, hi]."""
+    calls: list[int] = []
+
+    def counting(x: Tensor, t: Tensor, cond: dict[str, Tensor] | None) -> Tensor:
+        calls.append(x.shape[0])
+        return cond_denoiser(x, t, cond)
+
+    cond = {"label": torch.tensor([0, 1, 1])}
+    x = torch.randn(3, 2, dtype=torch.float64)
+    cfg = ClassifierFreeGuidance(counting, cond, 3.0, interval=(0.2, 0.7))
+    inside, low, high = (torch.tensor(v, dtype=torch.float64) for v in (0.5, 0.1, 0.9))
+    assert torch.allclose(cfg(x, inside), ClassifierFreeGuidance(cond_denoiser, cond, 3.0)(x, inside))
+    assert not torch.allclose(cfg(x, inside), cond_denoiser(x, inside, cond))
+    for t in (low, high, torch.tensor(0.2, dtype=torch.float64)):  # lo itself is outside
+        assert torch.equal(cfg(x, t), cond_denoiser(x, t, cond))
+    assert calls == [6, 6, 3, 3, 3]
+    assert cfg.active(torch.full((3,), 0.5)) and not cfg.active(torch.full((3,), 0.9))  # one time per sample
+    with pytest.raises(ValueError, match="one time per call"):
+        cfg(x, torch.tensor([0.1, 0.5, 0.5], dtype=torch.float64))
+    for bad in ((0.7, 0.2), (-0.1, 0.5), (0.5, 1.5)):
+        with pytest.raises(ValueError, match="interval"):
+            ClassifierFreeGuidance(counting, cond, 3.0, interval=bad)
+
+
 def test_condition_dropout_rate_and_merge() -> None:
     cond = {"label": torch.zeros(20000, dtype=torch.long)}
     out = drop_conditions(cond, 0.2, 20000, generator=torch.Generator().manual_seed(0))

@@ -91,6 +91,7 @@ class AudioModel:
     heads: int = 4
     patch: int = 16
     patch_overlap: bool = True
+    full_rate_channels: int = 0  # >0: a thin full-rate level around the patchify (see UNet1D)
     kernel_size: int = 3
     dropout: float = 0.0
     # kind=classifier
@@ -353,7 +354,8 @@ class AudioDomain(Domain):
         net = UNet1D(in_channels=1, channels=m.channels, multipliers=tuple(m.multipliers), factors=tuple(m.factors),
                      blocks=tuple(m.blocks), attention_levels=m.attention_levels, heads=m.heads,
                      num_classes=len(_class_names(cfg.data)), patch=m.patch, dropout=m.dropout,
-                     kernel_size=m.kernel_size, patch_overlap=m.patch_overlap)
+                     kernel_size=m.kernel_size, patch_overlap=m.patch_overlap,
+                     full_rate_channels=m.full_rate_channels)
         length = _clip_length(cfg.data)
         if length % net.total_factor:
             raise ValueError(f"clip length {length} samples ({cfg.data.seconds} s x {cfg.data.sample_rate} Hz) is not "

@@ -42,6 +42,7 @@ __all__ = [
     "Downsample1D",
     "Upsample1D",
     "Unpatchify1D",
+    "FullRateRefiner",
 ]
 
 
@@ -187,6 +188,29 @@ class Unpatchify1D(nn.Module):
         return out + self.bias[:, None]
 
 
+class FullRateRefiner(nn.Module):
+    """Sample-rate correction ``conv(SiLU(FiLM(conv([features, x_t]))))`` added to the unpatchified output.
+
+    A patchified head is one linear map per frame, so whatever part of the hidden state is the same in every frame
+    comes out as a waveform repeating every ``patch`` samples (tones at multiples of sample_rate / patch). This
+    branch sees the noisy input at full rate and is zero-initialised, so a model starts out as the plain U-Net.
+    Normalisation-free to stay cheap at 16,000 positions (the thin full-rate level of audio-diffusion-pytorch's UNet1d).
+    """
+
+    def __init__(self, in_channels: int, channels: int, emb_dim: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        pad = kernel_size // 2
+        self.conv1 = nn.Conv1d(channels + in_channels, channels, kernel_size, padding=pad)
+        self.film = nn.Linear(emb_dim, 2 * channels)
+        self.conv2 = _zero_(nn.Conv1d(channels, in_channels, kernel_size, padding=pad))
+
+    def forward(self, features: Tensor, x: Tensor, emb: Tensor) -> Tensor:
+        """features: [B, channels, T], x: [B, in_channels, T] (the noisy input), emb: [B, emb_dim] -> [B, in_channels, T]."""
+        h = self.conv1(torch.cat([features, x], dim=1))
+        scale, shift = self.film(emb)[:, :, None].chunk(2, dim=1)
+        return self.conv2(F.silu(torch.addcmul(shift, h, scale + 1.0)))
+
+
 class _Stage(nn.Module):
     """A residual block optionally followed by self-attention (one ADM 'TimestepEmbedSequential')."""
 
@@ -223,6 +247,9 @@ class UNet1D(nn.Module):
         kernel_size: conv kernel in residual blocks (odd).
         dropout: dropout inside residual blocks.
         emb_dim: conditioning-vector width (default ``4 * channels``).
+        full_rate_channels: if > 0, the unpatchify also writes this many feature channels at the sample
+            rate, and a :class:`FullRateRefiner` on them plus the noisy input adds a correction to the
+            output, so it is not limited to one linear map per frame. 0 = the unpatchify is the output.
 
     ``forward(x, noise_level, cond)`` returns ``[B, in_channels, T]``; ``T`` must be divisible by
     :attr:`total_factor`.
@@ -243,6 +270,7 @@ class UNet1D(nn.Module):
         kernel_size: int = 3,
         patch_overlap: bool = True,
         emb_dim: int | None = None,
+        full_rate_channels: int = 0,
     ) -> None:
         super().__init__()
         n_levels = len(multipliers)
@@ -260,6 +288,9 @@ class UNet1D(nn.Module):
             raise ValueError(f"UNet1D: attention_levels {sorted(attn_levels)} outside levels 0..{n_levels - 1}")
         if num_classes < 0:
             raise ValueError(f"UNet1D: num_classes must be >= 0, got {num_classes}")
+        if full_rate_channels < 0 or (full_rate_channels and patch == 1):
+            raise ValueError(f"UNet1D: full_rate_channels must be >= 0 and needs patch > 1, got {full_rate_channels} "
+                             f"with patch={patch}")
 
         self.in_channels = in_channels
         self.num_classes = num_classes
@@ -281,6 +312,8 @@ class UNet1D(nn.Module):
         def attn(level: int, ch: int) -> SelfAttention1D | None:
             return SelfAttention1D(ch, heads) if level in attn_levels else None
 
+        self.full_rate_channels = full_rate_channels
+        c0 = full_rate_channels
         if patch > 1:
             self.stem: nn.Module = Downsample1D(in_channels, widths[0], patch, patch_overlap)
         else:
@@ -323,9 +356,11 @@ class UNet1D(nn.Module):
 
         self.out_norm = nn.GroupNorm(_groups(ch), ch)
         if patch > 1:
-            self.head: nn.Module = _zero_(Unpatchify1D(ch, in_channels, patch, patch_overlap))
+            # Output channels: the waveform, then c0 full-rate feature channels for the refiner.
+            self.head: nn.Module = _zero_(Unpatchify1D(ch, in_channels + c0, patch, patch_overlap))
         else:
             self.head = _zero_(nn.Conv1d(ch, in_channels, kernel_size, padding=kernel_size // 2))
+        self.refiner = FullRateRefiner(in_channels, c0, emb_dim, kernel_size) if c0 else None
 
     def embed(self, noise_level: Tensor, cond: dict[str, Tensor] | None, batch: int) -> Tensor:
         """Conditioning vector SiLU(MLP(Fourier(noise_level)) + class_emb), [B, emb_dim] (ADM; CFG null class, Ho & Salimans 2022)."""
@@ -379,7 +414,10 @@ class UNet1D(nn.Module):
             for stage in stages:
                 h = stage(torch.cat([h, skips.pop()], dim=1), emb)
             h = up(h)
-        return self.head(F.silu(self.out_norm(h)))
+        out = self.head(F.silu(self.out_norm(h)))
+        if self.refiner is not None:
+            out = out[:, : self.in_channels] + self.refiner(out[:, self.in_channels :], x, emb)
+        return out
 
 
 # Keyword presets for ``UNet1D(**UNET1D_PRESETS[name])``. Forward of a batch of 16 x 1 s at 16 kHz on 2 idle

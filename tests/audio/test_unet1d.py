@@ -113,10 +113,11 @@ def test_every_parameter_gets_gradient() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_zero_init_trains_to_all_parameters() -> None:
-    """From the zero-initialised state, a few optimiser steps reach every parameter."""
+@pytest.mark.parametrize("full_rate", [0, 4])
+def test_zero_init_trains_to_all_parameters(full_rate: int) -> None:
+    """From the zero-initialised state, a few optimiser steps reach every parameter (the refiner's too)."""
     torch.manual_seed(0)
-    model = UNet1D(**SMALL).train()
+    model = UNet1D(**SMALL, full_rate_channels=full_rate).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, s = _inputs(2)
     cond = {"label": torch.tensor([1, 3]), "uncond": torch.tensor([True, False])}
@@ -223,3 +224,39 @@ def test_overfits_two_sines() -> None:
     assert first == pytest.approx(0.5, rel=1e-3)  # zero output at init: loss = mean(clean^2)
     # Returning the noisy input would score sigma^2 = 0.25; actual denoising must do far better.
     assert last < 0.1 * first, f"loss {first:.3f} -> {last:.3f}"
+
+
+def test_full_rate_refiner_zero_at_init_and_keeps_base_keys() -> None:
+    """The refiner starts at zero and only adds parameters, so a checkpoint without it keeps its key set."""
+    torch.manual_seed(0)
+    base, ref = UNet1D(**SMALL), UNet1D(**SMALL, full_rate_channels=4)
+    x, s = _inputs(2)
+    with torch.no_grad():
+        assert torch.equal(ref(x, s), torch.zeros_like(x))
+    extra = set(ref.state_dict()) - set(base.state_dict())
+    assert extra and all(k.startswith("refiner.") for k in extra), extra
+    assert ref.state_dict()["head.proj.weight"].shape[0] == (1 + 4) * 2 * SMALL["patch"]  # (waveform + 4) x taps
+
+
+def test_full_rate_refiner_acts_at_the_sample_rate() -> None:
+    """With only the refiner active, a one-sample change of x moves the output within the refiner's receptive field.
+
+    The patchified path alone cannot do this: its stem mixes 2 x patch samples into each frame and its head spreads a
+    frame over 2 x patch output samples, so its response to one input sample spans whole frames.
+    """
+    model = _small(full_rate_channels=4)
+    with torch.no_grad():
+        model.head.proj.weight.zero_()  # silence the U-Net path: output = refiner(features = 0, x)
+        x, s = _inputs(1)
+        base = model(x, s)
+        x2 = x.clone()
+        x2[..., 30] += 1.0
+        delta = (model(x2, s) - base).abs()[0, 0]
+    changed = torch.nonzero(delta > 1e-7).flatten().tolist()
+    assert changed and set(changed) <= {28, 29, 30, 31, 32}, changed  # two kernel-3 convs: +-2 samples
+
+
+@pytest.mark.parametrize("kw", [dict(full_rate_channels=-1), dict(full_rate_channels=4, patch=1)])
+def test_full_rate_refiner_bad_config(kw: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="full_rate_channels"):
+        UNet1D(**{**SMALL, **kw})
