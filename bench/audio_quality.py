@@ -19,7 +19,8 @@ for every row.
 Numbers, one JSON line each (``{"what", "setting", "number", "unit", "machine"}``): ``cond_acc``, ``fid``, ``is``,
 ``mis``, ``am``, ``ndb_k`` (and ``ndb``, the count of different bins) per row ``setting.row`` in
 {"samples", "real test (all)", "real test (size-matched)"}, plus ``sampling s``, ``rtf`` and ``patch_grid_share``
-(the frame-periodic part of the denoiser's output on silence: the tonal lines at multiples of sample_rate / patch).
+(the frame-periodic part of the denoiser's output on silence) and ``grid_line_db`` (how far the lines at multiples of
+sample_rate / patch stand above their spectral neighbourhood in the samples, and in the real clips for reference).
 
     python bench/audio_quality.py --checkpoint runs/audio_fast [--per-label 16] [--steps 25] [--out samples/q]
 """
@@ -44,7 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from domains.audio.domain import DEFAULT_CLASSIFIER, load_any_classifier, load_clips  # noqa: E402
-from domains.audio.metrics import reference_row  # noqa: E402
+from domains.audio.metrics import line_prominence_db, reference_row  # noqa: E402
 from multidiff import pipeline  # noqa: E402
 
 METRICS = (("cond_acc", "fraction"), ("fid", "FID"), ("is", "IS"), ("mis", "mIS"), ("am", "AM"),
@@ -184,6 +185,10 @@ def main() -> None:
     for key in ("rms", "silent_share"):
         emit(key, {**setting, "row": "samples", "n": n_gen}, metrics[key], "fraction" if key == "silent_share" else "rms")
     if cfg.model.patch > 1:
+        spacing = cfg.data.sample_rate / cfg.model.patch
+        lines = line_prominence_db(samples["audio"], cfg.data.sample_rate, spacing)
+        emit("grid_line_db", {**setting, "row": "samples", "spacing_hz": spacing, "per_line": [round(v, 2) for v in lines]},
+             sum(lines) / len(lines), "dB over neighbouring bins (mean over lines)")
         for t, share in patch_grid_share(model).items():
             emit("patch_grid_share", {**setting, "t": t, "patch": cfg.model.patch}, share, "fraction of denoised RMS on silence")
 
@@ -201,6 +206,12 @@ def main() -> None:
     emit_row("real test (all)", reference_row(test, clf, train=train, ndb_bins=ndb_bins), ref_setting)
     sub = test.subset(balanced_subset(test.labels, a.per_label, len(names), a.seed))
     emit_row("real test (size-matched)", reference_row(sub, clf, train=train, ndb_bins=ndb_bins), ref_setting)
+    if cfg.model.patch > 1:
+        spacing = cfg.data.sample_rate / cfg.model.patch
+        lines = line_prominence_db(sub.audio, sub.sample_rate, spacing)
+        emit("grid_line_db", {**ref_setting, "row": "real test (size-matched)", "spacing_hz": spacing,
+                              "per_line": [round(v, 2) for v in lines]}, sum(lines) / len(lines),
+             "dB over neighbouring bins (mean over lines)")
 
 
 if __name__ == "__main__":

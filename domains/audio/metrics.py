@@ -137,6 +137,28 @@ def conditional_accuracy(logits_or_probs: torch.Tensor, labels: torch.Tensor) ->
     return float((pred == labels.cpu().long()).double().mean())
 
 
+def line_prominence_db(audio: torch.Tensor, sample_rate: int, spacing_hz: float, n_fft: int = 1024) -> list[float]:
+    """Spectral lines at multiples of ``spacing_hz`` (below Nyquist), each in dB over its neighbourhood's median.
+
+    Mean STFT power of ``audio`` [N, T] (Hann, hop n_fft / 4); line k is the peak of the three bins around
+    k * spacing_hz, its neighbourhood the bins 3..10 away on both sides. ~0 dB: no line; a patchified
+    waveform model's frame-periodic residual shows as lines at multiples of sample_rate / patch.
+    """
+    x = _f64(audio).reshape(-1, audio.shape[-1]) if audio.dim() > 1 else _f64(audio)[None]
+    if x.shape[-1] < n_fft:
+        raise ValueError(f"line_prominence_db: clips of {x.shape[-1]} samples are shorter than n_fft={n_fft}")
+    spec = torch.stft(x, n_fft, n_fft // 4, window=torch.hann_window(n_fft, dtype=x.dtype), return_complex=True)
+    power = spec.abs().square().mean(dim=(0, 2))
+    bin_hz = sample_rate / n_fft
+    out = []
+    k = 1
+    while (c := round(k * spacing_hz / bin_hz)) + 11 <= n_fft // 2:
+        near = torch.cat([power[c - 10 : c - 2], power[c + 3 : c + 11]])
+        out.append(10.0 * math.log10(float(power[c - 1 : c + 2].max()) / max(float(near.median()), _TINY)))
+        k += 1
+    return out
+
+
 def _spans(mask: torch.Tensor | None, n: int, t: int) -> list[tuple[int, int]]:
     """[start, end) of each sample's regenerated span (first to last True sample of its mask)."""
     if mask is None:

@@ -17,6 +17,7 @@ from domains.audio.metrics import (
     gaussian_frechet_distance,
     inception_score,
     kmeans,
+    line_prominence_db,
     modified_inception_score,
     multi_resolution_stft_distance,
     ndb_k,
@@ -210,3 +211,29 @@ def test_evaluate_audio_returns_every_applicable_metric() -> None:
     assert full["snr_db"] == pytest.approx(SNR_CAP_DB)
     assert full["mr_stft"] == pytest.approx(0.0, abs=1e-12)
     assert all(math.isfinite(v) for v in full.values())
+
+
+def test_line_prominence_of_a_sinusoid_in_white_noise_matches_the_closed_form() -> None:
+    """Hann-windowed on-bin sinusoid (amplitude A) over white noise (std s): peak/noise bin power = A^2 N / (6 s^2) + 1."""
+    g = torch.Generator().manual_seed(0)
+    sr, n_fft, amp, std = 16000, 1024, 0.05, 0.1
+    t = torch.arange(sr, dtype=torch.float64) / sr
+    audio = std * torch.randn(16, sr, generator=g, dtype=torch.float64) + amp * torch.sin(2 * math.pi * 2000 * t)
+    lines = line_prominence_db(audio, sr, 1000.0, n_fft=n_fft)
+    assert len(lines) == 7  # 1..7 kHz; 8 kHz is Nyquist
+    expected = 10 * math.log10(amp**2 * n_fft / (6 * std**2) + 1)
+    assert lines[1] == pytest.approx(expected, abs=0.5)
+    assert all(abs(v) < 1.0 for i, v in enumerate(lines) if i != 1)
+
+
+def test_line_prominence_sees_a_frame_periodic_residual() -> None:
+    """A waveform repeating every 16 samples (a patchify head's artefact) puts lines at multiples of 1 kHz."""
+    g = torch.Generator().manual_seed(1)
+    noise = 0.1 * torch.randn(8, 16000, generator=g)
+    periodic = 0.05 * torch.randn(16, generator=g).repeat(1000)
+    clean = line_prominence_db(noise, 16000, 1000.0)
+    dirty = line_prominence_db(noise + periodic, 16000, 1000.0)
+    assert max(abs(v) for v in clean) < 1.0
+    assert sum(dirty) / len(dirty) > 10.0
+    with pytest.raises(ValueError, match="shorter than n_fft"):
+        line_prominence_db(noise[:, :500], 16000, 1000.0)
