@@ -3,7 +3,8 @@
 The model is an *untrained* denoiser built from a recipe (``--recipe``, default ``fast``: 1 s clips at 16 kHz);
 speed does not depend on the weights. Built through the same calls as ``multidiff sample`` / ``multidiff train``:
 ``registry.get_domain("audio")``, ``pipeline.load_run_config``, ``pipeline.build_denoiser``, then
-``domain.request(cfg, batch, {"label": "7"})`` + ``pipeline.generate`` (classifier-free guidance off, karras grid).
+``domain.request(cfg, batch, {"label": "7"})`` + ``pipeline.generate`` (karras grid; classifier-free guidance off
+unless ``--guidance``: a guided step is one call on a doubled batch, except outside ``--guidance-interval``).
 
 Numbers, one JSON line each (``{"what", "setting", "number", "unit", "machine"}``):
 - ``rtf``: compute seconds per second of generated audio (wall time of one ``generate`` call for ``--batch`` clips,
@@ -79,11 +80,13 @@ def measure(a: argparse.Namespace) -> list[dict]:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     domain = get_domain("audio")
-    cfg = pipeline.load_run_config(domain, a.recipe)
+    cfg = pipeline.load_run_config(domain, a.recipe, a.overrides)
     den = pipeline.build_denoiser(domain, cfg)
     params = sum(p.numel() for p in den.parameters())
     seconds, sr = cfg.data.seconds, cfg.data.sample_rate
-    base = {"recipe": a.recipe, "params": params, "clip_s": seconds, "sample_rate": sr, "malloc": malloc_name()}
+    interval = tuple(a.guidance_interval) if a.guidance_interval else None
+    base = {"recipe": a.recipe, "overrides": a.overrides, "guidance": a.guidance, "guidance_interval": interval,
+            "params": params, "clip_s": seconds, "sample_rate": sr, "malloc": malloc_name()}
     out: list[dict] = []
 
     # --- sampling ---
@@ -97,7 +100,8 @@ def measure(a: argparse.Namespace) -> list[dict]:
             for r in range(a.repeats):
                 g = torch.Generator().manual_seed(r)
                 t = time.perf_counter()
-                x = pipeline.generate(model, request, sampler=name, steps=steps, grid=cfg.sample.grid, generator=g)
+                x = pipeline.generate(model, request, sampler=name, steps=steps, grid=cfg.sample.grid, generator=g,
+                                      guidance=a.guidance, guidance_interval=interval)
                 best = min(best, time.perf_counter() - t)
                 if not torch.isfinite(x).all():
                     raise SystemExit(f"{name}, {steps} steps: non-finite samples")
@@ -177,6 +181,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--train-steps", type=int, default=10, help="timed training steps (0: skip training)")
     p.add_argument("--train-data", choices=("random", "real"), default="random")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: off, one pass per step)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="guide only for LO < t <= HI (one pass per step outside)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted recipe override, e.g. --set model.full_rate_channels=8 (repeatable)")
     p.add_argument("--both-malloc", action="store_true",
                    help="also run in a subprocess with the tuned GLIBC_TUNABLES and print tuned/default ratios")
     a = p.parse_args()

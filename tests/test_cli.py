@@ -53,6 +53,23 @@ def test_conditional_sampling_and_seed(toy_run: Path, tmp_path: Path) -> None:
     assert (tmp_path / "a" / "samples.csv").read_text() == (tmp_path / "b" / "samples.csv").read_text()
 
 
+def test_guidance_interval_override(toy_run: Path, tmp_path: Path) -> None:
+    """sample.guidance_interval: covering every step equals plain CFG, covering none equals guidance 1."""
+    base = ["sample", "toy", "--checkpoint", str(toy_run), "--num", "200", "--condition", "label=2", "--seed", "1",
+            "--guidance", "3", "--no-progress"]
+
+    def csv(name: str, *extra: str) -> str:
+        last_json(cli(*base, *extra, "--out", str(tmp_path / name)))
+        return (tmp_path / name / "samples.csv").read_text()
+
+    guided, unguided = csv("g"), csv("u", "--guidance", "1")
+    assert guided != unguided
+    assert csv("all", "sample.guidance_interval=[0.0,1.0]") == guided
+    assert csv("none", "sample.guidance_interval=[0.9999,1.0]") == unguided
+    p = cli(*base, "sample.guidance_interval=[0.8,0.2]", "--out", str(tmp_path / "bad"))
+    assert p.returncode != 0 and "sample.guidance_interval" in p.stderr
+
+
 def test_sampling_in_chunks_of_sample_batch_size(toy_run: Path, tmp_path: Path) -> None:
     """--num larger than sample.batch_size is generated chunk by chunk and written as one set."""
     args = ["sample", "toy", "sample.batch_size=7", "--checkpoint", str(toy_run), "--num", "300", "--condition", "label=5",
