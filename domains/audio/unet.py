@@ -4,7 +4,8 @@ Design follows the ADM U-Net (Nichol & Dhariwal 2021; Dhariwal & Nichol 2021) tr
 DiffWave (Kong et al. 2021), SaShiMi (Goel et al. 2022) and audio-diffusion-pytorch's ``UNet1d``:
 
 * a learnable patchify (strided conv) / unpatchify (transposed conv) so most compute runs at
-  ``T / patch`` frames -- the network has to run on two CPU cores;
+  ``T / patch`` frames -- the network has to run on two CPU cores; optionally (``full_rate_channels``)
+  a small sample-rate refiner after the unpatchify, against tones at multiples of sample_rate / patch;
 * residual blocks ``GroupNorm -> SiLU -> conv -> FiLM(emb) -> SiLU -> dropout -> conv`` with the
   last conv zero-initialised, strided-conv down-sampling, transposed-conv up-sampling, concatenated
   skip connections, multi-head self-attention only at the lowest resolution(s);
@@ -194,7 +195,8 @@ class FullRateRefiner(nn.Module):
     A patchified head is one linear map per frame, so whatever part of the hidden state is the same in every frame
     comes out as a waveform repeating every ``patch`` samples (tones at multiples of sample_rate / patch). This
     branch sees the noisy input at full rate and is zero-initialised, so a model starts out as the plain U-Net.
-    Normalisation-free to stay cheap at 16,000 positions (the thin full-rate level of audio-diffusion-pytorch's UNet1d).
+    Normalisation-free to stay cheap at 16,000 positions; a one-block cousin of the thin full-rate first level of
+    audio-diffusion-pytorch's UNet1d.
     """
 
     def __init__(self, in_channels: int, channels: int, emb_dim: int, kernel_size: int = 3) -> None:
