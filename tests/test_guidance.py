@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import pytest
 import torch
@@ -51,13 +52,19 @@ def test_cfg_scale_one_is_plain_conditional_sampling() -> None:
         assert torch.equal(guided, plain)
 
 
-def test_cfg_combines_cond_and_uncond_in_one_batched_call() -> None:
+def _counting() -> tuple[list[int], Callable[[Tensor, Tensor, dict[str, Tensor] | None], Tensor]]:
+    """cond_denoiser that records the batch size of every call."""
     calls: list[int] = []
 
     def counting(x: Tensor, t: Tensor, cond: dict[str, Tensor] | None) -> Tensor:
         calls.append(x.shape[0])
         return cond_denoiser(x, t, cond)
 
+    return calls, counting
+
+
+def test_cfg_combines_cond_and_uncond_in_one_batched_call() -> None:
+    calls, counting = _counting()
     cond = {"label": torch.tensor([0, 1, 1])}
     x = torch.randn(3, 2, dtype=torch.float64)
     t = torch.tensor(0.6, dtype=torch.float64)
@@ -73,12 +80,7 @@ def test_cfg_combines_cond_and_uncond_in_one_batched_call() -> None:
 
 def test_cfg_interval_guides_only_inside_and_halves_the_calls_outside() -> None:
     """Guidance in a limited interval (Kynkaanniemi et al. 2024): plain conditional outside (lo, hi]."""
-    calls: list[int] = []
-
-    def counting(x: Tensor, t: Tensor, cond: dict[str, Tensor] | None) -> Tensor:
-        calls.append(x.shape[0])
-        return cond_denoiser(x, t, cond)
-
+    calls, counting = _counting()
     cond = {"label": torch.tensor([0, 1, 1])}
     x = torch.randn(3, 2, dtype=torch.float64)
     cfg = ClassifierFreeGuidance(counting, cond, 3.0, interval=(0.2, 0.7))
