@@ -144,7 +144,7 @@ def sample(
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps (grid intervals).")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ancestral, ddim, euler, euler_maruyama, heun or dpmpp_2m.")] = None,
     grid: Annotated[Optional[str], typer.Option(help="Step grid: uniform, logsnr or karras.")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (1 = plain conditional).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (1 = plain conditional); applied for t in sample.guidance_interval when the recipe sets one.")] = None,
     gradient_scale: Annotated[float, typer.Option(help="Gradient guidance toward the --condition targets through the domain's predictor (molecules: data.predictor); 0 = off.")] = 0.0,
     condition: Annotated[Optional[list[str]], typer.Option("--condition", "--label", help="KEY=VALUE condition (repeatable); --label 7 is label=7.")] = None,
     inpaint: Annotated[Optional[Path], typer.Option(help="A file whose known part is kept (audio WAV, molecule SDF/XYZ fragment).")] = None,
@@ -190,7 +190,8 @@ def sample(
                 step_cb = None if cb is None else (lambda info, k=k: cb(info, k * n_steps))
                 x = pipeline.generate(model, request, sampler=sampler or scfg.sampler, steps=n_steps,
                                       grid=grid or scfg.grid, guidance=guidance if guidance is not None else scfg.guidance,
-                                      guidance_interval=scfg.guidance_interval, gradient_scale=gradient_scale, generator=g, callback=step_cb)
+                                      guidance_interval=scfg.guidance_interval, gradient_scale=gradient_scale,
+                                      generator=g, callback=step_cb)
                 parts.append(dom.decode(x, request))
         samples = parts[0] if len(parts) == 1 else dom.merge(parts)
         out.mkdir(parents=True, exist_ok=True)
