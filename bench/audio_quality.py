@@ -37,6 +37,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -106,6 +107,14 @@ def patch_grid_share(model: pipeline.LoadedModel, times: tuple[float, ...] = (0.
     return out
 
 
+def emit_grid_lines(audio: torch.Tensor, cfg: Any, setting: dict) -> None:
+    """``grid_line_db``: mean prominence of the spectral lines at multiples of sample_rate / patch (per line in the setting)."""
+    spacing = cfg.data.sample_rate / cfg.model.patch
+    lines = line_prominence_db(audio, cfg.data.sample_rate, spacing)
+    emit("grid_line_db", {**setting, "spacing_hz": spacing, "per_line": [round(v, 2) for v in lines]},
+         sum(lines) / len(lines), "dB over neighbouring bins (mean over lines)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or .safetensors file")
@@ -137,16 +146,16 @@ def main() -> None:
     sampler, steps = a.sampler or sc.sampler, a.steps or sc.steps
     grid = a.grid or sc.grid
     guidance = sc.guidance if a.guidance is None else a.guidance
-    interval = tuple(a.guidance_interval) if a.guidance_interval else sc.guidance_interval
-    interval = None if interval is None else (float(interval[0]), float(interval[1]))
+    interval = a.guidance_interval or sc.guidance_interval
+    interval = None if interval is None else (float(interval[0]), float(interval[1]))  # plain floats for the JSON
     batch = a.batch or sc.batch_size
     eval_cfg = copy.deepcopy(cfg)
     if not a.keep_max_clips:
         eval_cfg.data.max_clips = None
     names = list(cfg.data.class_names)
     setting = {"checkpoint": str(model.path), "step": model.step, "sampler": sampler, "steps": steps, "grid": grid,
-               "guidance": guidance,
-               "guidance_interval": interval, "per_label": a.per_label, "reference_max_clips": eval_cfg.data.max_clips}
+               "guidance": guidance, "guidance_interval": interval, "per_label": a.per_label,
+               "reference_max_clips": eval_cfg.data.max_clips}
 
     # --- sample ---
     chunks, labels, meta = [], [], None
@@ -158,7 +167,7 @@ def main() -> None:
             req = domain.request(cfg, n, {"label": str(c)})
             g = torch.Generator().manual_seed(a.seed * 1_000_003 + c * 10_007 + done)
             x = pipeline.generate(model, req, sampler=sampler, steps=steps, grid=grid, guidance=guidance,
-                                         guidance_interval=interval, generator=g)
+                                  guidance_interval=interval, generator=g)
             dec = domain.decode(x, req)
             chunks.append(dec["audio"])
             labels.append(dec["labels"])
@@ -185,10 +194,7 @@ def main() -> None:
     for key in ("rms", "silent_share"):
         emit(key, {**setting, "row": "samples", "n": n_gen}, metrics[key], "fraction" if key == "silent_share" else "rms")
     if cfg.model.patch > 1:
-        spacing = cfg.data.sample_rate / cfg.model.patch
-        lines = line_prominence_db(samples["audio"], cfg.data.sample_rate, spacing)
-        emit("grid_line_db", {**setting, "row": "samples", "spacing_hz": spacing, "per_line": [round(v, 2) for v in lines]},
-             sum(lines) / len(lines), "dB over neighbouring bins (mean over lines)")
+        emit_grid_lines(samples["audio"], cfg, {**setting, "row": "samples"})
         for t, share in patch_grid_share(model).items():
             emit("patch_grid_share", {**setting, "t": t, "patch": cfg.model.patch}, share, "fraction of denoised RMS on silence")
 
@@ -207,11 +213,7 @@ def main() -> None:
     sub = test.subset(balanced_subset(test.labels, a.per_label, len(names), a.seed))
     emit_row("real test (size-matched)", reference_row(sub, clf, train=train, ndb_bins=ndb_bins), ref_setting)
     if cfg.model.patch > 1:
-        spacing = cfg.data.sample_rate / cfg.model.patch
-        lines = line_prominence_db(sub.audio, sub.sample_rate, spacing)
-        emit("grid_line_db", {**ref_setting, "row": "real test (size-matched)", "spacing_hz": spacing,
-                              "per_line": [round(v, 2) for v in lines]}, sum(lines) / len(lines),
-             "dB over neighbouring bins (mean over lines)")
+        emit_grid_lines(sub.audio, cfg, {**ref_setting, "row": "real test (size-matched)"})
 
 
 if __name__ == "__main__":

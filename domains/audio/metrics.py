@@ -144,7 +144,7 @@ def line_prominence_db(audio: torch.Tensor, sample_rate: int, spacing_hz: float,
     k * spacing_hz, its neighbourhood the bins 3..10 away on both sides. ~0 dB: no line; a patchified
     waveform model's frame-periodic residual shows as lines at multiples of sample_rate / patch.
     """
-    x = _f64(audio).reshape(-1, audio.shape[-1]) if audio.dim() > 1 else _f64(audio)[None]
+    x = _f64(audio).reshape(-1, audio.shape[-1])
     if x.shape[-1] < n_fft:
         raise ValueError(f"line_prominence_db: clips of {x.shape[-1]} samples are shorter than n_fft={n_fft}")
     spec = torch.stft(x, n_fft, n_fft // 4, window=torch.hann_window(n_fft, dtype=x.dtype), return_complex=True)
