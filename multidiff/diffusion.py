@@ -8,6 +8,19 @@ turns F into the x0 estimate ("denoised") according to the prediction target, in
 - ``v``:   F estimates v (Salimans & Ho 2022), generalised to any (alpha, sigma) and data std sigma_data
            as EDM's F-target (Karras et al. 2022): denoised = c_skip x_t - c_out F with
            c_skip = sigma_data^2 alpha / r^2, c_out = sigma sigma_data / r, r^2 = alpha^2 sigma_data^2 + sigma^2.
+- ``velocity``: F estimates the flow-matching velocity u = dx_t/dt = alpha' x0 + sigma' eps (Lipman et al. 2023;
+           on the ``flow`` schedule u = eps - x0), denoised = (sigma' x_t - sigma F) / (alpha sigma' - sigma alpha').
+
+Training options of the ``Denoiser`` (each one recipe key in ``diffusion``):
+
+- ``t_sampling``: uniform, EDM's log-normal sigma, ``logit_normal`` (Esser et al. 2024: t = sigmoid(m + s n)) or
+  ``beta`` (t ~ Beta(a, b); t = 0 is data here, so Beta(1, 2) skews toward the data end like FlowMol's Beta(2, 1)).
+- ``coupling``: a callable ``(x0, noise, space) -> noise`` that pairs each noise draw with its data item before the
+  interpolation (e.g. the molecules' equivariant optimal-transport alignment, Klein et al. 2023); it must leave the
+  noise distribution unchanged (a permutation / rotation of an isotropic draw).
+- ``self_condition``: probability p of self-conditioning (Chen et al. 2022, "Analog Bits"): with probability p a batch
+  first runs the model without gradient and feeds that x0 estimate back as ``backbone(..., self_cond=denoised)``;
+  sampling feeds each step's previous estimate (see ``SelfConditioning``).
 
 Loss weightings are stated as weights on ||denoised - x0||^2 (Kingma & Gao 2023): ``eps`` / ``snr``: SNR,
 ``x0``: 1, ``v`` / ``edm``: 1 / c_out^2 (= SNR + 1 when sigma_data = 1), ``min_snr``: min(SNR, gamma)
@@ -19,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +42,7 @@ from .schedules import Schedule, append_dims, get_schedule
 from .spaces import Euclidean, Space
 
 __all__ = [
+    "SelfConditioning",
     "Target",
     "Weighting",
     "DiffusionConfig",
@@ -41,9 +55,12 @@ __all__ = [
     "loss_weight",
 ]
 
-Target = Literal["eps", "x0", "v"]
+Target = Literal["eps", "x0", "v", "velocity"]
 Weighting = Literal["target", "eps", "snr", "x0", "v", "edm", "min_snr"]
-TARGETS: tuple[str, ...] = ("eps", "x0", "v")
+TSampling = Literal["uniform", "lognormal", "logit_normal", "beta"]
+TARGETS: tuple[str, ...] = ("eps", "x0", "v", "velocity")
+T_SAMPLINGS: tuple[str, ...] = ("uniform", "lognormal", "logit_normal", "beta")
+Coupling = Callable[[Tensor, Tensor, Space], Tensor]
 WEIGHTINGS: tuple[str, ...] = ("target", "eps", "snr", "x0", "v", "edm", "min_snr")
 LOGSNR_LIMIT = 40.0  # |logsnr| is clipped here when turned into weights or the noise embedding
 
@@ -58,11 +75,17 @@ class DiffusionConfig:
     weighting: Weighting = "target"
     min_snr_gamma: float = 5.0
     sigma_data: float = 1.0
-    t_sampling: Literal["uniform", "lognormal"] = "uniform"
+    t_sampling: TSampling = "uniform"
     t_min: float = 1e-4
     lognormal_mean: float = -1.2
     lognormal_std: float = 1.2
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
+    beta_a: float = 1.0
+    beta_b: float = 2.0
     cond_drop: float = 0.1
+    coupling: str | None = None  # a domain's noise <-> data coupling (molecules: equivariant_ot)
+    self_condition: float = 0.0  # probability of a self-conditioned training batch (0: off)
 
     def build_schedule(self) -> Schedule:
         """The configured schedule."""
@@ -153,19 +176,38 @@ class Denoiser(nn.Module):
         weighting: Weighting = "target",
         sigma_data: float = 1.0,
         min_snr_gamma: float = 5.0,
-        t_sampling: Literal["uniform", "lognormal"] = "uniform",
+        t_sampling: TSampling = "uniform",
         t_min: float = 1e-4,
         lognormal_mean: float = -1.2,
         lognormal_std: float = 1.2,
         cond_drop: float = 0.0,
+        *,
+        logit_normal_mean: float = 0.0,
+        logit_normal_std: float = 1.0,
+        beta_a: float = 1.0,
+        beta_b: float = 2.0,
+        coupling: Coupling | None = None,
+        self_condition: float = 0.0,
     ) -> None:
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
-        if t_sampling not in ("uniform", "lognormal"):
-            raise ValueError(f"t_sampling: expected 'uniform' or 'lognormal', got {t_sampling!r}")
+        if t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"t_sampling: expected one of {T_SAMPLINGS}, got {t_sampling!r}")
+        if t_sampling == "beta" and not (beta_a > 0 and beta_b > 0):
+            raise ValueError(f"beta_a, beta_b: expected > 0 for t_sampling='beta', got {beta_a}, {beta_b}")
+        if t_sampling == "logit_normal" and not logit_normal_std > 0:
+            raise ValueError(f"logit_normal_std: expected > 0, got {logit_normal_std}")
+        if not 0.0 <= self_condition <= 1.0:
+            raise ValueError(f"self_condition: expected a probability in [0, 1], got {self_condition}")
+        if self_condition > 0 and not getattr(backbone, "supports_self_conditioning", False):
+            raise ValueError(f"self_condition={self_condition}: the backbone {type(backbone).__name__} cannot take a "
+                             f"self-conditioning input (it does not set supports_self_conditioning; build it with "
+                             f"self-conditioning enabled, e.g. the domain's model option)")
+        if coupling is not None and not callable(coupling):
+            raise TypeError(f"coupling: expected a callable (x0, noise, space) -> noise, got {type(coupling).__name__}")
         if not 0.0 <= cond_drop <= 1.0:
             raise ValueError(f"cond_drop: expected a probability in [0, 1], got {cond_drop}")
         if sigma_data <= 0:
@@ -180,11 +222,19 @@ class Denoiser(nn.Module):
         self.t_min = t_min
         self.lognormal_mean = lognormal_mean
         self.lognormal_std = lognormal_std
+        self.logit_normal_mean = logit_normal_mean
+        self.logit_normal_std = logit_normal_std
+        self.beta_a = beta_a
+        self.beta_b = beta_b
         self.cond_drop = cond_drop
+        self.coupling = coupling
+        self.self_condition = self_condition
 
     @classmethod
-    def from_config(cls, backbone: nn.Module, cfg: DiffusionConfig) -> "Denoiser":
-        """Build from a ``DiffusionConfig``."""
+    def from_config(cls, backbone: nn.Module, cfg: DiffusionConfig, coupling: Coupling | None = None) -> "Denoiser":
+        """Build from a ``DiffusionConfig`` (``coupling``: the callable named by ``cfg.coupling``, from the domain)."""
+        if cfg.coupling is not None and coupling is None:
+            raise ValueError(f"diffusion.coupling={cfg.coupling!r}: no coupling callable was given for it")
         return cls(
             backbone,
             cfg.build_schedule(),
@@ -197,6 +247,12 @@ class Denoiser(nn.Module):
             lognormal_mean=cfg.lognormal_mean,
             lognormal_std=cfg.lognormal_std,
             cond_drop=cfg.cond_drop,
+            logit_normal_mean=cfg.logit_normal_mean,
+            logit_normal_std=cfg.logit_normal_std,
+            beta_a=cfg.beta_a,
+            beta_b=cfg.beta_b,
+            coupling=coupling,
+            self_condition=cfg.self_condition,
         )
 
     # --- preconditioning -------------------------------------------------------------------------
@@ -238,6 +294,9 @@ class Denoiser(nn.Module):
             d = (x64 - s * out) / a
         elif self.target == "x0":
             d = out
+        elif self.target == "velocity":
+            da, ds = (self._expand(v, x, space) for v in self.schedule.derivatives(t))
+            d = (ds * x64 - s * out) / (a * ds - s * da)
         else:
             d = (sd**2 * a / r2) * x64 - (s * sd / r2.sqrt()) * out
         return d.to(torch.float32) if x.dtype != torch.float64 else d
@@ -253,10 +312,18 @@ class Denoiser(nn.Module):
     # --- training -----------------------------------------------------------------------------
 
     def sample_t(self, num: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Tensor:
-        """Training times: uniform on [t_min, 1], or EDM's log-normal sigma_ve (P_mean, P_std) mapped to t."""
+        """Training times on [t_min, 1]: uniform, EDM's log-normal sigma_ve (P_mean, P_std) mapped to t, logit-normal
+        (Esser et al. 2024) or Beta(a, b)."""
         if self.t_sampling == "uniform":
             u = torch.rand(num, generator=generator, dtype=torch.float64)
             t = self.t_min + (1 - self.t_min) * u
+        elif self.t_sampling == "logit_normal":
+            n = torch.randn(num, generator=generator, dtype=torch.float64)
+            t = torch.sigmoid(self.logit_normal_mean + self.logit_normal_std * n).clamp(self.t_min, 1.0)
+        elif self.t_sampling == "beta":
+            # inverse CDF, so the draw goes through ``generator`` (torch's Beta sampler takes none)
+            t = _beta_icdf(torch.rand(num, generator=generator, dtype=torch.float64), self.beta_a, self.beta_b)
+            t = t.clamp(self.t_min, 1.0)
         else:
             n = torch.randn(num, generator=generator, dtype=torch.float64)
             sve = torch.exp(self.lognormal_mean + self.lognormal_std * n)
@@ -282,11 +349,20 @@ class Denoiser(nn.Module):
         t = self.sample_t(num, x0.device, generator)
         noise = space.randn_like(x0, generator)
         x0 = space.project(x0)
+        if self.coupling is not None:
+            noise = self.coupling(x0, noise, space)
         alpha, sigma, logsnr = self._coefficients(t)
         a, s = self._expand(alpha, x0, space), self._expand(sigma, x0, space)
         x_t = (a * x0 + s * noise).to(x0.dtype)
         if cond is not None and self.cond_drop > 0:
             cond = drop_conditions(cond, self.cond_drop, num, generator=generator)
+        if self.self_condition > 0:
+            coin = torch.rand((), generator=generator).item() < self.self_condition
+            prev = None
+            if coin:
+                with torch.no_grad():
+                    prev = self.forward(x_t, t, cond, space=space, self_cond=None, **kwargs).detach()
+            kwargs = {**kwargs, "self_cond": prev}
         d = self.forward(x_t, t, cond, space=space, **kwargs).to(torch.float64)
         x0_64 = x0.to(torch.float64)
         w = _snr_weight(self.weighting, logsnr, self.sigma_data, self.min_snr_gamma)
@@ -295,3 +371,39 @@ class Denoiser(nn.Module):
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule!r}, target={self.target!r}, weighting={self.weighting!r}, sigma_data={self.sigma_data}"
+
+
+def _beta_icdf(u: Tensor, a: float, b: float, points: int = 4097) -> Tensor:
+    """Inverse CDF of Beta(a, b) at ``u`` by interpolation of the numerically integrated density (float64)."""
+    x = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
+    mid = 0.5 * (x[1:] + x[:-1])
+    log_pdf = (a - 1) * torch.log(mid) + (b - 1) * torch.log1p(-mid)
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.exp(log_pdf - log_pdf.max()), 0)])
+    cdf = cdf / cdf[-1]
+    idx = torch.searchsorted(cdf, u.clamp(0, 1)).clamp(1, points - 1)
+    lo, hi = cdf[idx - 1], cdf[idx]
+    frac = (u - lo) / (hi - lo).clamp_min(1e-300)
+    return x[idx - 1] + frac * (x[idx] - x[idx - 1])
+
+
+class SelfConditioning:
+    """Sampling-time self-conditioning (Chen et al. 2022): each call passes the previous x0 estimate as ``self_cond``.
+
+    Wraps ``denoise(x, t, cond, self_cond=...)``; one instance per sampling call (it holds the last estimate).
+    A conditional/unconditional pair in one batch (CFG, ``batched=True``) gets the estimate repeated.
+    """
+
+    def __init__(self, denoise: Callable[..., Tensor]) -> None:
+        self.denoise = denoise
+        self.prev: Tensor | None = None
+
+    def __call__(self, x: Tensor, t: Tensor, cond: dict[str, Tensor] | None) -> Tensor:
+        prev = self.prev
+        if prev is not None and prev.shape[0] != x.shape[0]:
+            prev = prev.repeat(x.shape[0] // prev.shape[0], *([1] * (prev.ndim - 1)))
+        return self.denoise(x, t, cond, self_cond=prev)
+
+    def update(self, denoised: Tensor) -> Tensor:
+        """Remember the (guided) estimate of this step for the next call; returns it unchanged."""
+        self.prev = denoised.detach()
+        return denoised

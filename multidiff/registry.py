@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar, Literal
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
+from .config import positive
 from .diffusion import Denoiser, DiffusionConfig
 from .spaces import Space
 from .training import TrainConfig
@@ -38,11 +39,11 @@ class SampleConfig:
 
     sampler: Literal["ancestral", "ddim", "euler", "euler_maruyama", "heun", "dpmpp_2m"] = "dpmpp_2m"
     grid: Literal["uniform", "logsnr", "karras"] = "karras"
-    steps: int = 25
+    steps: int = positive(25)
     guidance: float = 1.0
     guidance_interval: tuple[float, float] | None = None  # CFG only for lo < t <= hi (Kynkaanniemi et al. 2024)
-    num: int = 16
-    batch_size: int = 64
+    num: int = positive(16)
+    batch_size: int = positive(64)
 
 
 @dataclass
@@ -68,6 +69,8 @@ class Domain(ABC):
     ModelConfig: ClassVar[type]
     default_recipe: ClassVar[str] = "default"
     guidance_clip: ClassVar[float | None] = None  # bound on each entry of a gradient-guidance correction per call
+    # Glob patterns of the files ``write`` creates in its directory: what ``multidiff sample --overwrite`` deletes first
+    output_patterns: ClassVar[tuple[str, ...]] = ()
 
     # --- data and model ---------------------------------------------------------------------------
     @abstractmethod
@@ -99,6 +102,13 @@ class Domain(ABC):
         """The training loss of one batch."""
         x0, cond, kwargs = self.unpack(batch)
         return denoiser.loss(x0, cond, space=self.space(batch), **kwargs)
+
+    def coupling(self, cfg: Any) -> Callable[[Tensor, Tensor, Space], Tensor] | None:
+        """The noise <-> data coupling named by ``cfg.diffusion.coupling`` (None: independent draws)."""
+        if cfg.diffusion.coupling is None:
+            return None
+        raise ValueError(f"diffusion.coupling={cfg.diffusion.coupling!r}: domain {self.name!r} defines no coupling "
+                         f"(expected null)")
 
     def prepare_data(self, cfg: Any) -> dict[str, Any]:
         """Build / cache the data of a recipe (``multidiff data DOMAIN``); returns a summary."""

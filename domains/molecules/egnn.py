@@ -262,10 +262,11 @@ class EquivariantBlock(nn.Module):
         coords_range: float = 15.0,
         norm_constant: float = 1.0,
         normalization_factor: float = 1.0,
+        edge_dim: int = 2,
     ) -> None:
         super().__init__()
         self.norm_constant = norm_constant
-        edge_dim = 2  # current and initial squared distance
+        # current squared distance + the fixed edge attributes (initial squared distance[, self-conditioning one])
         self.gcls = nn.ModuleList(GCL(hidden, edge_dim, attention, normalization_factor) for _ in range(sublayers))
         self.coord = CoordUpdate(hidden, edge_dim, tanh, coords_range, normalization_factor)
 
@@ -276,7 +277,7 @@ class EquivariantBlock(nn.Module):
         self.coord.reset_parameters()
 
     def forward(self, h: Tensor, pos: Tensor, edge_index: Tensor, radial0: Tensor) -> tuple[Tensor, Tensor]:
-        """Update ``(h, pos)``; ``radial0`` are the squared distances at the network input."""
+        """Update ``(h, pos)``; ``radial0`` are the fixed edge attributes (squared distances at the network input)."""
         src, dst = edge_index
         diff = pos.index_select(0, dst) - pos.index_select(0, src)
         radial = diff.pow(2).sum(dim=-1, keepdim=True)
@@ -310,6 +311,10 @@ class EGNNDenoiser(nn.Module):
         norm_constant: ``c`` in ``(x_i - x_j) / (||x_i - x_j|| + c)``.
         radius: if given, only atoms closer than this (at the input positions) exchange messages.
         normalization_factor: divisor of the summed messages (keyword only).
+        position_output: ``"displacement"`` (``x_out - x_in``, for eps-prediction) or ``"coordinates"`` (``x_out``
+            itself, for x0-prediction); both with each molecule's mean removed (keyword only).
+        self_conditioning: accept ``self_cond`` (a previous ``[positions | features]`` estimate, Chen et al. 2022):
+            its features join the node input and its squared distances the edge attributes (keyword only).
 
     Shapes:
         - x: :math:`(N, 3 + F)`; noise_level: :math:`(B,)`; cond["properties"]: :math:`(B, C)`;
@@ -331,18 +336,27 @@ class EGNNDenoiser(nn.Module):
         radius: float | None = None,
         *,
         normalization_factor: float = 1.0,
+        position_output: str = "displacement",
+        self_conditioning: bool = False,
     ) -> None:
         super().__init__()
+        if position_output not in ("displacement", "coordinates"):
+            raise ValueError(f"position_output: expected 'displacement' or 'coordinates', got {position_output!r}")
         self.num_features = num_features
         self.hidden = hidden
         self.cond_dim = cond_dim
         self.radius = radius
+        self.position_output = position_output
+        self.supports_self_conditioning = self_conditioning
         self.noise_embedding = NoiseLevelEmbedding()
-        in_dim = num_features + self.noise_embedding.out_dim + (cond_dim + 1 if cond_dim > 0 else 0)
+        in_dim = num_features * (2 if self_conditioning else 1) + self.noise_embedding.out_dim
+        in_dim += cond_dim + 1 if cond_dim > 0 else 0
         self.embedding = nn.Linear(in_dim, hidden)
         layer_range = coords_range / layers if tanh else coords_range
+        edge_dim = 3 if self_conditioning else 2
         self.blocks = nn.ModuleList(
-            EquivariantBlock(hidden, sublayers, attention, tanh, layer_range, norm_constant, normalization_factor)
+            EquivariantBlock(hidden, sublayers, attention, tanh, layer_range, norm_constant, normalization_factor,
+                             edge_dim=edge_dim)
             for _ in range(layers)
         )
         self.embedding_out = nn.Linear(hidden, num_features)
@@ -371,8 +385,9 @@ class EGNNDenoiser(nn.Module):
         u = uncond.to(like.dtype).unsqueeze(-1)
         return torch.cat([props * (1.0 - u), u], dim=-1)
 
-    def forward(self, x: Tensor, noise_level: Tensor, cond: dict[str, Tensor] | None = None, *, batch: Tensor) -> Tensor:
-        """Predict ``[position displacement | features]`` for noisy molecules ``x``."""
+    def forward(self, x: Tensor, noise_level: Tensor, cond: dict[str, Tensor] | None = None, *, batch: Tensor,
+                self_cond: Tensor | None = None) -> Tensor:
+        """Predict ``[position displacement (or coordinates) | features]`` for noisy molecules ``x``."""
         pos, feat = x[:, :3], x[:, 3:]
         if feat.size(1) != self.num_features:
             raise ValueError(f"expected {3 + self.num_features} input columns, got {x.size(1)}")
@@ -386,14 +401,26 @@ class EGNNDenoiser(nn.Module):
             per_graph.append(self._condition(cond, num_graphs, x))
         elif cond is not None and cond.get("properties") is not None and cond["properties"].numel() > 0:
             raise ValueError("cond['properties'] given to a model built with cond_dim=0")
-        h = self.embedding(torch.cat([feat, torch.cat(per_graph, dim=-1)[batch]], dim=-1))
+        nodes = [feat]
+        if self.supports_self_conditioning:
+            if self_cond is not None and self_cond.shape != x.shape:
+                raise ValueError(f"self_cond must be shaped like x {tuple(x.shape)}, got {tuple(self_cond.shape)}")
+            sc = self_cond.to(x.dtype) if self_cond is not None else torch.zeros_like(x)
+            nodes.append(sc[:, 3:])
+        elif self_cond is not None:
+            raise ValueError("self_cond given to an EGNNDenoiser built with self_conditioning=False")
+        h = self.embedding(torch.cat([*nodes, torch.cat(per_graph, dim=-1)[batch]], dim=-1))
 
         edge_index, _, radial0 = _edges(self._edge_cache, batch, pos, num_graphs, self.radius)
+        if self.supports_self_conditioning:
+            src, dst = edge_index
+            sc_radial = (sc[dst, :3] - sc[src, :3]).pow(2).sum(-1, keepdim=True)
+            radial0 = torch.cat([radial0, sc_radial], dim=-1)
         out_pos = pos
         for block in self.blocks:
             h, out_pos = block(h, out_pos, edge_index, radial0)
-        vel = remove_mean(out_pos - pos, batch, num_graphs)
-        return torch.cat([vel, self.embedding_out(h)], dim=-1)
+        moved = out_pos if self.position_output == "coordinates" else out_pos - pos
+        return torch.cat([remove_mean(moved, batch, num_graphs), self.embedding_out(h)], dim=-1)
 
 
 class EGNNPredictor(nn.Module):
