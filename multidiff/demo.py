@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from .analytic import GaussianMixture, sliced_wasserstein
+from .files import dumps_json
 from .samplers import SAMPLERS, get_sampler, nfe, prior
 from .schedules import SCHEDULES, get_schedule, make_grid
 
@@ -64,7 +64,7 @@ def run(out: Path, steps: int = 25, num: int = 2000, schedule: str = "cosine", g
         save_scatter(samples, reference, title, out / f"{name}.png")
         results.append({"sampler": name, "steps": steps, "nfe": nfe(name, steps), "sliced_wasserstein": round(sw, 4),
                         "png": str(out / f"{name}.png")})
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(dumps_json(results, indent=2))
     return results
 
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     for r in run(a.out, a.steps, a.num, a.schedule, a.grid, a.seed):
-        print(json.dumps(r))
+        print(dumps_json(r))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint_for_sampling
 from .config import ConfigError, config_from_dict, config_to_dict, load_config
+from .files import write_json
 from .diffusion import Denoiser
 from .guidance import ClassifierFreeGuidance, GradientGuidance, Inpaint
 from .registry import Domain, SampleRequest, get_domain, run_config_class
@@ -182,6 +183,5 @@ def generate(
 
 
 def write_metrics(metrics: dict[str, Any], path: Path) -> Path:
-    """Metrics as pretty JSON."""
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n")
-    return path
+    """Metrics as pretty, strict JSON (undefined values are null)."""
+    return write_json(path, metrics)
