@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-import json
 import re
 import types
 import typing
@@ -15,8 +14,11 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from .files import dumps_json
+
 __all__ = [
     "ConfigError",
+    "positive",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -28,6 +30,27 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+POSITIVE = "positive"  # dataclass field metadata: ints must be >= 1, floats > 0 (each item of a tuple/list; None passes)
+
+
+def positive(default: Any) -> Any:
+    """A dataclass field whose value (or every item of it) must be >= 1 for ints and > 0 for floats, e.g.
+    ``hidden: int = positive(128)``; checked when a config is built, so a zero-width model stops before any work."""
+    return dataclasses.field(default=default, metadata={POSITIVE: True})
+
+
+def _not_positive(value: Any) -> str | None:
+    """Why ``value`` breaks a ``positive`` field, or None when it is fine."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
+        if isinstance(item, int) and item < 1:
+            return f"must be >= 1, got {value!r}"
+        if isinstance(item, float) and not item > 0:
+            return f"must be > 0, got {value!r}"
+    return None
 
 
 class ConfigError(ValueError):
@@ -143,8 +166,9 @@ class _Invalid(Exception):
 class _Validator:
     """Validates nested plain data against a dataclass schema, collecting every error."""
 
-    def __init__(self, where: Callable[[str], str]) -> None:
+    def __init__(self, where: Callable[[str], str], blame: Callable[[str, str], str] | None = None) -> None:
         self.where = where
+        self.blame = blame or (lambda key, _message: key)  # (section, message) -> the dotted key to report it at
         self.errors: list[tuple[str, str, str]] = []
 
     def fail(self, key: str, message: str) -> None:
@@ -173,6 +197,11 @@ class _Validator:
             except _Invalid as e:
                 self.fail(sub, str(e))
                 ok = False
+                continue
+            problem = _not_positive(kwargs[name]) if fields[name].metadata.get(POSITIVE) else None
+            if problem is not None:
+                self.fail(sub, problem)
+                ok = False
         for name, f in fields.items():
             if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 sub = f"{key}.{name}" if key else name
@@ -183,7 +212,8 @@ class _Validator:
         try:
             return schema(**kwargs)
         except (TypeError, ValueError) as e:  # the section's own __post_init__ checks
-            self.fail(key or "<root>", f"invalid {schema.__name__}: {e}")
+            message = f"invalid {schema.__name__}: {e}"
+            self.fail(self.blame(key, str(e)) if key else "<root>", message)
             return None
 
     def value(self, tp: Any, value: Any, key: str) -> Any:
@@ -202,7 +232,7 @@ class _Validator:
                     raise _Invalid(f"expected {_type_name(tp)}, got {_show(value)}") from None
             for arg in members:
                 try:
-                    return _Validator(self.where).value_strict(arg, value, key)
+                    return _Validator(self.where, self.blame).value_strict(arg, value, key)
                 except _Invalid:
                     continue
             raise _Invalid(f"expected {_type_name(tp)}, got {_show(value)}")
@@ -312,11 +342,12 @@ def _raise(errors: list[tuple[str, str, str]]) -> None:
     raise ConfigError(f"{len(lines)} config errors:\n  " + "\n  ".join(lines), errors)
 
 
-def _build(schema: type[T], data: Any, where: Callable[[str], str]) -> T:
+def _build(schema: type[T], data: Any, where: Callable[[str], str],
+           blame: Callable[[str, str], str] | None = None) -> T:
     """Validate `data` against `schema`, raising one ConfigError with every problem."""
     if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
         raise TypeError(f"schema must be a dataclass type, got {schema!r}")
-    v = _Validator(where)
+    v = _Validator(where, blame)
     try:
         result = v.dataclass_(schema, data, "")
     except _Invalid as e:
@@ -366,7 +397,7 @@ def save_config(cfg: Any, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
-        path.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+        path.write_text(dumps_json(config_to_dict(cfg), indent=2) + "\n")
     else:
         path.write_text(config_to_yaml(cfg))
 
@@ -410,14 +441,16 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    """Deep-merge `extra` into a copy of `base` (mappings merge, everything else replaces)."""
+def _replace_at(base: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of `base` with the dotted `key` set to `value`: the sections on the way keep their other keys, the value
+    itself replaces what was there (so `diffusion.schedule_args={}` clears the recipe's mapping)."""
+    head, _, rest = key.partition(".")
     out = dict(base)
-    for k, v in extra.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _merge(dict(out[k]), v)
-        else:
-            out[k] = v
+    if not rest:
+        out[head] = value
+    else:
+        inner = out.get(head)
+        out[head] = _replace_at(dict(inner) if isinstance(inner, Mapping) else {}, rest, value)
     return out
 
 
@@ -474,28 +507,28 @@ def apply_overrides(schema: type[T], data: Mapping[str, Any], overrides: Sequenc
 
 
 def _apply(schema: type[T], data: dict[str, Any], overrides: Sequence[str], file_where: Callable[[str], str]) -> T:
-    """Merge overrides into file data, validate once, and attribute each error to its origin."""
+    """Apply overrides to file data (each replaces the value at its key), validate once, and attribute each error to
+    its origin: the command-line argument for what an override set, the file's line for the rest."""
     origins: dict[str, str] = {}
     for key, raw, value in _split_overrides(overrides):
         tp = _target_type(schema, key)
         if tp is not None and _wants_str(tp) and value is not None and not isinstance(value, str):
             value = raw.strip()  # `name=001` should stay the string '001' when the field is a str
-        data = _merge(data, _nest(key, value))
-        origins[key] = f"command-line override {key}={raw}"
+        data = _replace_at(data, key, value)
+        origins[key] = f"command-line override '{key}={raw}'"
 
     def where(key: str) -> str:
         k = re.sub(r"\[\d+\]", "", key)
         best = max((o for o in origins if k == o or k.startswith(o + ".")), key=len, default=None)
         return origins[best] if best is not None else file_where(key)
 
-    return _build(schema, data, where)
+    def blame(section: str, message: str) -> str:
+        """A section's own check failed: blame the override inside it whose field the message names, if any."""
+        named = [o for o in origins if o.startswith(section + ".")
+                 and re.search(rf"\b{re.escape(o.rpartition('.')[2])}\b", message)]
+        return max(named, key=len) if named else section
 
-
-def _nest(key: str, value: Any) -> dict[str, Any]:
-    """'a.b.c', v -> {'a': {'b': {'c': v}}}."""
-    out: dict[str, Any] = {}
-    _set_dotted(out, key, value)
-    return out
+    return _build(schema, data, where, blame)
 
 
 def load_config(path: Path | str | None, schema: type[T], overrides: Sequence[str] = ()) -> T:

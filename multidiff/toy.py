@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from .analytic import GaussianMixture, sliced_wasserstein
+from .config import positive
 from .guidance import UNCOND
 from .registry import Domain, SampleRequest
 from .spaces import Euclidean, Space
@@ -34,10 +35,10 @@ __all__ = ["ToyDomain", "ToyData", "ToyModel", "ToyMLP", "toy_mixture"]
 class ToyData:
     """The mixture and how many training points to draw from it."""
 
-    components: int = 8
+    components: int = positive(8)
     radius: float = 4.0
-    std: float = 0.35
-    num_train: int = 20_000
+    std: float = positive(0.35)
+    num_train: int = positive(20_000)
     seed: int = 0
 
 
@@ -45,9 +46,9 @@ class ToyData:
 class ToyModel:
     """MLP width and depth."""
 
-    hidden: int = 128
-    layers: int = 3
-    fourier: int = 16
+    hidden: int = positive(128)
+    layers: int = positive(3)
+    fourier: int = positive(16)
 
 
 def toy_mixture(cfg: ToyData) -> GaussianMixture:
@@ -95,6 +96,7 @@ class ToyDomain(Domain):
     description = "class-conditional 2-D Gaussian mixture on a ring (example domain)"
     DataConfig = ToyData
     ModelConfig = ToyModel
+    output_patterns = ("samples.csv", "samples.png")
 
     def build_dataset(self, cfg: Any, split: str = "train") -> Dataset:
         gm = toy_mixture(cfg.data)

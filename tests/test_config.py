@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,7 @@ import torch
 from multidiff.checkpoint import load_weights, save_weights
 from multidiff.config import (
     ConfigError,
+    positive,
     apply_overrides,
     config_from_dict,
     config_from_yaml,
@@ -174,10 +176,10 @@ def test_overrides_apply_and_errors_name_the_override(tmp_path: Path) -> None:
     assert load_config(None, RunCfg, ["train.steps=5"]).train.steps == 5
     with pytest.raises(ConfigError) as e:
         load_config(path, RunCfg, ["train.lrr=1"])
-    assert str(e.value).startswith("command-line override train.lrr=1: train.lrr: unknown key (did you mean 'lr'?)")
-    with pytest.raises(ConfigError, match=r"^command-line override train\.steps=ten: train\.steps: expected int"):
+    assert str(e.value).startswith("command-line override 'train.lrr=1': train.lrr: unknown key (did you mean 'lr'?)")
+    with pytest.raises(ConfigError, match=r"^command-line override 'train\.steps=ten': train\.steps: expected int"):
         load_config(path, RunCfg, ["train.steps=ten"])
-    with pytest.raises(ConfigError, match=r"^command-line override train\.precision=fp8: .*'fp32', 'bf16'"):
+    with pytest.raises(ConfigError, match=r"^command-line override 'train\.precision=fp8': .*'fp32', 'bf16'"):
         load_config(path, RunCfg, ["train.precision=fp8"])
     with pytest.raises(ConfigError, match=r"^<ckpt>: train\.lr: expected float"):
         apply_overrides(RunCfg, {"train": {"lr": "x"}}, ["train.steps=3"], source="<ckpt>")
@@ -211,3 +213,73 @@ def test_yaml_12_scalars(tmp_path: Path) -> None:
         load_config(write(tmp_path, "train:\n  steps: 010\n"), RunCfg)
     with pytest.raises(ConfigError, match=r"train\.precision: expected one of 'fp32', 'bf16'; got bool False"):
         load_config(write(tmp_path, "train:\n  precision: false\n"), RunCfg)
+
+
+def test_section_check_failing_on_an_override_names_the_argument(tmp_path: Path) -> None:
+    """A section's own check (TrainConfig.__post_init__) broken by an override blames the override, not the file."""
+    path = write(tmp_path, "train:\n  lr: 1.0e-3\n  steps: 10\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, RunCfg, ["train.lr=-1"])
+    assert str(e.value).startswith("command-line override 'train.lr=-1': train.lr: ") and "lr must be > 0" in str(e.value)
+    assert "recipe.yaml" not in str(e.value)
+    bad_file = write(tmp_path, "train:\n  lr: -1.0\n", "bad.yaml")
+    with pytest.raises(ConfigError, match=r"^.*bad\.yaml:1: train: invalid TrainConfig: lr must be > 0"):
+        load_config(bad_file, RunCfg, ["train.steps=3"])  # the file's value is at fault, not the override
+
+
+@dataclass
+class Sized:
+    """A section with `positive` fields."""
+
+    width: int = positive(8)
+    scale: float = positive(1.0)
+    dims: tuple[int, ...] = positive((1, 2))
+    limit: int | None = positive(None)
+    offset: int = 0
+
+
+@dataclass
+class SizedRun:
+    """A run config with a `positive` section."""
+
+    model: Sized = field(default_factory=Sized)
+
+
+def test_positive_fields_reject_zero_and_negative_sizes(tmp_path: Path) -> None:
+    assert load_config(None, SizedRun, ["model.offset=-3", "model.limit=2"]).model.limit == 2
+    for override, message in [("model.width=0", "must be >= 1, got 0"), ("model.scale=0", "must be > 0, got 0.0"),
+                              ("model.dims=[4,0]", "must be >= 1, got (4, 0)"), ("model.limit=-1", ">= 1")]:
+        with pytest.raises(ConfigError, match=rf"^command-line override '{re.escape(override)}': .*{re.escape(message)}"):
+            load_config(None, SizedRun, [override])
+    path = write(tmp_path, "model:\n  width: 4\n  scale: -2.0\n")
+    with pytest.raises(ConfigError, match=r"recipe\.yaml:3: model\.scale: must be > 0"):
+        load_config(path, SizedRun)
+
+
+def test_mapping_override_replaces_instead_of_merging(tmp_path: Path) -> None:
+    """`key={}` on the command line clears the recipe's mapping; a dotted key into it keeps the siblings."""
+    path = write(tmp_path, "model:\n  channels: 16\n  extra: {power: 2.0, precision: 1.0e-5}\n")
+    assert load_config(path, RunCfg, ["model.extra={}"]).model.extra == {}
+    assert load_config(path, RunCfg, ["model.extra={w: 1}"]).model.extra == {"w": 1.0}
+    assert load_config(path, RunCfg, ["model.extra.w=1"]).model.extra == {"power": 2.0, "precision": 1e-5, "w": 1.0}
+    assert load_config(path, RunCfg, ["model.extra={}"]).model.channels == 16  # the section keeps its other keys
+
+
+def test_molecules_schedule_can_be_switched_from_the_command_line() -> None:
+    from multidiff.pipeline import load_run_config
+    from multidiff.registry import get_domain
+
+    dom = get_domain("molecules")
+    cfg = load_run_config(dom, "fast", ["diffusion.schedule=flow", "diffusion.schedule_args={}"])
+    assert cfg.diffusion.schedule == "flow" and cfg.diffusion.schedule_args == {}
+    cfg.diffusion.build_schedule()
+
+
+def test_zero_sized_domain_models_are_config_errors() -> None:
+    from multidiff.pipeline import load_run_config
+    from multidiff.registry import get_domain
+
+    for domain, override in [("audio", "model.channels=0"), ("audio", "data.sample_rate=0"), ("molecules", "model.layers=0"),
+                             ("toy", "model.hidden=0")]:
+        with pytest.raises(ConfigError, match=rf"^command-line override '{re.escape(override)}': .*must be >= 1"):
+            load_run_config(get_domain(domain), None, [override])

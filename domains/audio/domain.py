@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from multidiff.config import positive
 from multidiff.registry import Domain, SampleRequest
 from multidiff.spaces import Euclidean, Space
 
@@ -66,11 +67,11 @@ class AudioData:
 
     source: Literal["digits", "fsdd", "speechcommands", "folder"] = "digits"
     root: str | None = None  # dataset directory (fsdd, speechcommands, folder)
-    sample_rate: int = 16000
-    seconds: float = 1.0
-    max_clips: int | None = None  # a random subset of this many clips per split (quick runs)
+    sample_rate: int = positive(16000)
+    seconds: float = positive(1.0)
+    max_clips: int | None = positive(None)  # a random subset of this many clips per split (quick runs)
     cache_dir: str | None = None  # digits cache (default $MULTIDIFF_CACHE/audio_digits or ~/.cache/multidiff/...)
-    num_voices: int | None = None  # digits: the first voices of each split only
+    num_voices: int | None = positive(None)  # digits: the first voices of each split only
     max_shift: int = 0  # training augmentation: random time shift of up to this many samples
     class_names: list[str] | None = None  # label names; null = from the data (folder: sorted sub-folder names)
     classifier: str | None = None  # digit-classifier checkpoint for metrics (default data/checkpoints/audio_classifier.safetensors)
@@ -83,21 +84,21 @@ class AudioModel:
     """UNet1D hyper-parameters (kind=denoiser) or DigitClassifier ones (kind=classifier)."""
 
     kind: Literal["denoiser", "classifier"] = "denoiser"
-    channels: int = 48
-    multipliers: tuple[int, ...] = (1, 2, 4)
-    factors: tuple[int, ...] = (1, 4, 5)
+    channels: int = positive(48)
+    multipliers: tuple[int, ...] = positive((1, 2, 4))
+    factors: tuple[int, ...] = positive((1, 4, 5))
     blocks: tuple[int, ...] = (1, 2, 2)
     attention_levels: tuple[int, ...] | None = None
-    heads: int = 4
-    patch: int = 16
+    heads: int = positive(4)
+    patch: int = positive(16)
     patch_overlap: bool = True
     full_rate_channels: int = 0  # >0: a thin full-rate level around the patchify (see UNet1D)
-    kernel_size: int = 3
+    kernel_size: int = positive(3)
     dropout: float = 0.0
     # kind=classifier
-    classifier_channels: tuple[int, ...] = (16, 32, 64, 128, 128)
-    n_mels: int = 64
-    embed_dim: int = 128
+    classifier_channels: tuple[int, ...] = positive((16, 32, 64, 128, 128))
+    n_mels: int = positive(64)
+    embed_dim: int = positive(128)
     classifier_dropout: float = 0.3
     augment: bool = True  # gain / noise / shift / stretch / mel-warp / SpecAugment (Park et al. 2019)
     label_smoothing: float = 0.0
@@ -336,6 +337,7 @@ class AudioDomain(Domain):
     description = "class-conditional raw-waveform diffusion (spoken digits; FSDD, SC09, folders of WAVs)"
     DataConfig = AudioData
     ModelConfig = AudioModel
+    output_patterns = ("sample_*.wav", GRID_FILE, LABELS_FILE)
     default_recipe = "digits"
 
     # --- data and model ---------------------------------------------------------------------------

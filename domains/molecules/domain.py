@@ -47,6 +47,7 @@ from domains.molecules.constants import (
     PROPERTY_NAMES,
     PROPERTY_UNITS,
 )
+from multidiff.config import positive
 from multidiff.registry import Domain, SampleRequest
 from multidiff.spaces import Graph, Product, Space, ZeroCoM
 
@@ -76,7 +77,7 @@ class MolData:
     """QM9 selection and conditioning; the ``n_atoms_counts`` / ``property_*`` stats are filled in at training."""
 
     split: str | None = None  # None: "generator" half when conditioning (EDM), "predictor" half for a predictor, else "train"
-    max_molecules: int | None = None  # first N molecules of the split (the split is a random permutation)
+    max_molecules: int | None = positive(None)  # first N molecules of the split (the split is a random permutation)
     remove_h: bool = False
     include_charges: bool = True
     conditioning: list[str] = field(default_factory=list)  # property names: alpha, gap, homo, lumo, mu, Cv
@@ -95,12 +96,12 @@ class MolModel:
     """EGNN width/depth (EDM: hidden 256, 9 layers, 1 sublayer), or the property predictor (``kind: predictor``)."""
 
     kind: Literal["denoiser", "predictor"] = "denoiser"
-    hidden: int = 256
-    layers: int = 9
-    sublayers: int = 1
+    hidden: int = positive(256)
+    layers: int = positive(9)
+    sublayers: int = positive(1)
     attention: bool = True
     tanh: bool = True
-    coords_range: float = 15.0
+    coords_range: float = positive(15.0)
     norm_constant: float = 1.0
     normalization_factor: float = 1.0
     predictor_pool: Literal["sum", "mean"] = "sum"
@@ -248,6 +249,7 @@ class MoleculesDomain(Domain):
     description = "3D molecules from QM9 with an E(3)-equivariant EGNN (EDM, Hoogeboom et al. 2022)"
     DataConfig = MolData
     ModelConfig = MolModel
+    output_patterns = (SAMPLES_FILE, SAMPLES_XYZ, "molecules.png")
     default_recipe = "qm9"
     # Predictor guidance moves each coordinate by at most 0.3 (Angstrom for positions) per denoiser call: without a
     # bound a few molecules fly apart (pushing atoms apart raises alpha, and the predictor's gradient grows with it).
