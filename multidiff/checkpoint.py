@@ -10,11 +10,17 @@ Layout of a run directory::
 A checkpoint is written into `checkpoints/.tmp-...`, fsynced, then renamed into place, so a `step_*` directory is
 always complete; the manifest additionally catches later damage (truncation, bit rot). "Latest" is the highest
 step whose manifest verifies; there is no pointer file to go stale.
+Running out of space half-way removes the partial directory and raises one CheckpointError; earlier ones stay.
+
+An exported single file (`export_weights`) carries `content_sha256` in its metadata (its tensors and other metadata),
+checked by every load; files without it (older exports) load unchecked.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -27,7 +33,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 __all__ = [
@@ -41,6 +47,7 @@ __all__ = [
     "save_weights",
     "load_weights",
     "export_weights",
+    "content_sha256",
     "save_checkpoint",
     "verify_checkpoint",
     "list_checkpoints",
@@ -57,6 +64,8 @@ MANIFEST_FILE = "MANIFEST.json"
 CHECKPOINTS_DIR = "checkpoints"
 FORMAT = "multidiff-checkpoint"
 FORMAT_VERSION = 1
+CONTENT_HASH_KEY = "content_sha256"  # exported files: sha256 of their tensors and other metadata, verified on load
+_OUT_OF_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -73,15 +82,6 @@ class CheckpointWarning(UserWarning):
 
 
 # --- low-level file helpers ------------------------------------------------------------------------------------------
-
-
-def _fsync_file(path: Path) -> None:
-    """Flush a file's data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -107,13 +107,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write and fsync `data` to `path`; an OSError carries the file name (e.g. ENOSPC half-way through)."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
 def _write_text_durable(path: Path, text: str) -> None:
     """Write text to `path` via a temp file + fsync + rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        _write_bytes(tmp, text.encode("utf-8"))
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -158,14 +172,30 @@ def _tensors_for_saving(prefix: str, state: Mapping[str, Any], out: dict[str, Te
         out[prefix + name] = t
 
 
+def content_sha256(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
+    """Hex sha256 of a safetensors file's content: every tensor (name, dtype, shape, bytes) and every metadata entry
+    except the hash itself, in sorted order (independent of the header's layout)."""
+    h = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != CONTENT_HASH_KEY:
+            h.update(json.dumps(["meta", key, metadata[key]]).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(json.dumps(["tensor", name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_weights(
     path: Path | str,
     model: nn.Module | Mapping[str, Tensor],
     ema: nn.Module | Mapping[str, Tensor] | None = None,
     config: Mapping[str, Any] | None = None,
     extra_meta: Mapping[str, Any] | None = None,
+    content_hash: bool = False,
 ) -> None:
-    """Write model (`model.*`) and EMA (`ema.*`) tensors to one safetensors file; config and meta go in the header."""
+    """Write model (`model.*`) and EMA (`ema.*`) tensors to one safetensors file; config and meta go in the header
+    (with `content_hash`, also a sha256 of the content that `load_weights` verifies)."""
     path = Path(path)
     tensors: dict[str, Tensor] = {}
     seen: set[int] = set()
@@ -179,15 +209,17 @@ def save_weights(
         "has_ema": "1" if ema is not None else "0",
     }
     for key, value in (extra_meta or {}).items():
-        if key in metadata:
+        if key in metadata or key == CONTENT_HASH_KEY:
             raise ValueError(f"extra_meta key {key!r} is reserved")
         metadata[key] = json.dumps(value)
+    if content_hash:
+        metadata[CONTENT_HASH_KEY] = content_sha256(tensors, metadata)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; give them the usual permissions
-    _fsync_file(tmp)
+    try:  # serialised in memory, so that running out of space surfaces as a plain OSError (ENOSPC) of this file
+        _write_bytes(tmp, safetensors_bytes(tensors, metadata=metadata))
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -201,6 +233,14 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    expected = meta.get(CONTENT_HASH_KEY)
+    if expected is not None:
+        actual = content_sha256(tensors, meta)
+        if actual != expected:
+            raise CheckpointError(
+                f"{path}: corrupted: the sha256 of its content is {actual[:16]}..., the one recorded when it was "
+                f"written is {expected[:16]}... (re-download or re-export the file)"
+            )
     return tensors, meta
 
 
@@ -221,6 +261,9 @@ def load_weights(
     meta: dict[str, Any] = {}
     for key, value in raw_meta.items():
         if key in ("config", "format", "format_version", "has_ema"):
+            continue
+        if key == CONTENT_HASH_KEY:
+            meta[key] = value
             continue
         try:
             meta[key] = json.loads(value)
@@ -282,19 +325,29 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    meta = {"step": step, **(extra_meta or {})}
-    save_weights(tmp / WEIGHTS_FILE, model, ema, config, meta)
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(dict(state), f)
-        f.flush()
-        os.fsync(f.fileno())
-    files = {
-        name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-        for name in (WEIGHTS_FILE, STATE_FILE)
-    }
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "files": files}
-    _write_text_durable(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
-    _fsync_dir(tmp)
+    try:
+        meta = {"step": step, **(extra_meta or {})}
+        save_weights(tmp / WEIGHTS_FILE, model, ema, config, meta)
+        buffer = io.BytesIO()
+        torch.save(dict(state), buffer)
+        _write_bytes(tmp / STATE_FILE, buffer.getbuffer())
+        files = {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            for name in (WEIGHTS_FILE, STATE_FILE)
+        }
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "files": files}
+        _write_text_durable(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+        _fsync_dir(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-written checkpoint; the earlier ones are untouched
+        if isinstance(e, OSError) and e.errno in _OUT_OF_SPACE:
+            previous = list_checkpoints(root)
+            kept = f"the previous checkpoint {previous[-1][1]} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointError(
+                f"no space left on the device while writing {e.filename or tmp} (checkpoint of step {step}); "
+                f"nothing was written, {kept}; free some space and continue with --resume"
+            ) from None
+        raise
     if final.exists():  # re-reaching a step after resuming from an older checkpoint
         old = root / f".trash-{final.name}-{os.getpid()}"
         os.rename(final, old)
@@ -474,5 +527,11 @@ def export_weights(src: Path | str | LoadedCheckpoint, out: Path | str, config: 
     out.parent.mkdir(parents=True, exist_ok=True)
     used_ema = prefer_ema and ckpt.ema_state is not None
     meta = {"step": ckpt.step, "exported_from": str(ckpt.path), "weights": "ema" if used_ema else "model"}
-    save_weights(out, ckpt.weights(prefer_ema), None, dict(config) if config is not None else ckpt.config, meta)
+    config = dict(config) if config is not None else ckpt.config
+    try:
+        save_weights(out, ckpt.weights(prefer_ema), None, config, meta, content_hash=True)
+    except OSError as e:
+        if e.errno in _OUT_OF_SPACE:
+            raise CheckpointError(f"no space left on the device while writing {out}; nothing was written") from None
+        raise
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -119,6 +120,61 @@ def test_unmanifested_garbage_safetensors_is_rejected(tmp_path: Path) -> None:
     bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     with pytest.raises(ck.CheckpointError, match=f"{bad}: not a readable safetensors file"):
         ck.load_checkpoint_for_sampling(bad)
+
+
+def test_out_of_space_while_checkpointing_is_one_line_and_keeps_the_previous(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC in the middle of writing state.pt: one clear CheckpointError, the partial directory is gone, the previous
+    checkpoint still verifies and is the one a resume picks."""
+    out = tmp_path / "run"
+    model, loss_fn, ds, cfg = tiny_setup(steps=20)
+    real_write = ck._write_bytes
+
+    def write(path: Path, data: bytes) -> None:
+        if path.name == ck.STATE_FILE and "step_00000020" in str(path):
+            with open(path, "wb") as f:
+                f.write(bytes(data)[:10])  # what a full disk leaves behind
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(path, data)
+
+    monkeypatch.setattr(ck, "_write_bytes", write)
+    with pytest.raises(ck.CheckpointError) as e:
+        Trainer(model, loss_fn, ds, cfg, out, progress=False).fit()
+    message = str(e.value)
+    assert "\n" not in message and "no space left" in message and "step 20" in message, message
+    assert str(out / "checkpoints" / "step_00000010") in message and "is intact" in message
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000010"]  # no half-written .tmp-* left
+    assert ck.find_latest_checkpoint(out) == out / "checkpoints" / "step_00000010"
+
+    def full_disk(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ck, "_write_bytes", full_disk)
+    with pytest.raises(ck.CheckpointError, match="no space left"):  # export: the same, and no file appears
+        ck.export_weights(out, tmp_path / "x.safetensors")
+    assert not list(tmp_path.glob("*x.safetensors*"))
+
+
+def test_exported_file_hash_catches_flipped_bits_and_old_files_still_load(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(3, 8), nn.Linear(8, 2))
+    src = ck.save_checkpoint(tmp_path / "run", 5, model, model, {"step": 5}, {"domain": "x"})
+    out = ck.export_weights(src, tmp_path / "export.safetensors")
+    state, _, config, meta = ck.load_weights(out)
+    assert config == {"domain": "x"} and len(meta[ck.CONTENT_HASH_KEY]) == 64
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    data = out.read_bytes()
+    for pos in (len(data) - 1, len(data) - 40):  # tensor data sits after the header
+        flipped = bytearray(data)
+        flipped[pos] ^= 0x01
+        bad = tmp_path / "flipped.safetensors"
+        bad.write_bytes(bytes(flipped))
+        with pytest.raises(ck.CheckpointError, match=rf"^{bad}: corrupted"):
+            ck.load_weights(bad)
+        with pytest.raises(ck.CheckpointError, match=rf"^{bad}: corrupted"):
+            ck.load_checkpoint_for_sampling(bad)
+    old = tmp_path / "old.safetensors"  # written without a hash, like the exports shipped before it existed
+    ck.save_weights(old, model, None, {"domain": "x"})
+    assert ck.CONTENT_HASH_KEY not in ck.load_weights(old)[3]
 
 
 def test_load_for_sampling_accepts_run_dir_ckpt_dir_and_file(tmp_path: Path) -> None:
