@@ -13,7 +13,9 @@ Every adapter returns the same thing:
 - clips shorter than ``T`` are zero-padded CENTRED (the extra sample, if odd, goes at the end); longer clips
   are centre-cropped;
 - no peak normalisation: amplitudes are the file's PCM values scaled to [-1, 1] (int16 / 32768), so relative
-  loudness is kept; values are clamped to [-1, 1] after resampling (sinc overshoot);
+  loudness is kept; values are clamped to [-1, 1] after resampling (sinc overshoot). The exception is a
+  (float) file whose samples exceed full scale: it is scaled down to peak 1.0 (never hard-clipped), with a
+  warning naming the file, its peak and the share of samples that were over full scale;
 - clips are not trimmed (the digits cache is trimmed once, at synthesis).
 
 Bad-input policy (problems are reported with `warnings.warn(..., AudioDataWarning)`):
@@ -21,6 +23,9 @@ Bad-input policy (problems are reported with `warnings.warn(..., AudioDataWarnin
 - a file that cannot be decoded (corrupt, truncated inside its header, empty 0-byte file, not audio) is
   skipped with a warning naming the file and the decoder's reason; a file truncated inside its audio data is
   read up to where it ends (libsndfile behaviour);
+- a file with NaN or infinite samples is skipped with a warning naming it, how many samples and where the
+  first one is (`decode_audio` is the one reader and check for every audio input: datasets, ``--inpaint``
+  clips and the WAVs `multidiff evaluate` reads);
 - a file with zero frames, or silent (peak below 1e-3, i.e. -60 dBFS) is skipped with a warning naming it;
 - multi-channel files are downmixed to mono by averaging channels and counted in one summary warning;
 - dataset-specific skips (each warned and counted): FSDD file names not matching
@@ -70,9 +75,13 @@ __all__ = [
     "AudioClips",
     "AudioDataError",
     "AudioDataWarning",
+    "AudioReadError",
     "ClipDataset",
+    "DecodedAudio",
     "DigitCacheError",
     "DIGIT_WORDS",
+    "decode_audio",
+    "fit_full_scale",
     "load_digits",
     "load_folder",
     "load_fsdd",
@@ -91,6 +100,73 @@ class AudioDataWarning(UserWarning):
 
 class AudioDataError(ValueError):
     """A dataset directory yielded no usable clips, or its layout is wrong."""
+
+
+class AudioReadError(ValueError):
+    """An audio file that cannot be used: ``reason`` is 'unreadable', 'empty' or 'non-finite', ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(repr=False)
+class DecodedAudio:
+    """One decoded file: mono float32 samples as stored (channel mean), its rate, channel count and libsndfile subtype."""
+
+    samples: np.ndarray
+    sample_rate: int
+    channels: int
+    subtype: str
+
+    @property
+    def seconds(self) -> float:
+        return self.samples.shape[0] / self.sample_rate
+
+    @property
+    def peak(self) -> float:
+        return float(np.abs(self.samples).max())
+
+
+def decode_audio(data: bytes | Path | str) -> DecodedAudio:
+    """Decode a WAV/FLAC/... file (path or bytes) to mono float32, checking it can be used as audio input.
+
+    Raises `AudioReadError` when libsndfile cannot decode it ('unreadable'), when it has no frames ('empty') or
+    when any sample is NaN or infinite ('non-finite': the count and the time of the first one). Amplitudes are
+    returned as stored (a float file may exceed [-1, 1]; see `fit_full_scale`).
+    """
+    try:
+        with sf.SoundFile(io.BytesIO(data) if isinstance(data, bytes) else str(data)) as f:
+            sr, subtype = int(f.samplerate), str(f.subtype)
+            x = f.read(dtype="float32", always_2d=True)
+    except Exception as err:  # libsndfile raises several types (LibsndfileError, RuntimeError, TypeError)
+        raise AudioReadError("unreadable", f"cannot decode ({type(err).__name__}: {err})") from err
+    channels = x.shape[1]
+    if x.shape[0] == 0:
+        raise AudioReadError("empty", "no audio frames")
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise AudioReadError("non-finite", f"{bad.size} of {x.shape[0]} samples are NaN or infinite "
+                                           f"(the first at {bad[0] / sr:.4f} s, sample {bad[0]})")
+    mono = x[:, 0] if channels == 1 else x.mean(axis=1)
+    return DecodedAudio(np.ascontiguousarray(mono), sr, channels, subtype)
+
+
+def fit_full_scale(samples: np.ndarray) -> tuple[np.ndarray, str | None]:
+    """`samples` scaled down to peak 1.0 when they exceed full scale [-1, 1], else unchanged; with a note saying so.
+
+    The note (None when nothing changed) gives the peak and the share of samples over full scale, e.g.
+    "71.3% of the samples exceed full scale [-1, 1] (peak 50): scaled by 1/50 to peak 1.0 (not clipped)".
+    """
+    peak = float(np.abs(samples).max()) if samples.size else 0.0
+    if peak <= 1.0:
+        return samples, None
+    over = float(np.mean(np.abs(samples) > 1.0))
+    note = (f"{100 * over:.3g}% of the samples exceed full scale [-1, 1] (peak {peak:.4g}): scaled by 1/{peak:.4g} "
+            f"to peak 1.0 (not clipped)")
+    return (samples / np.float32(peak)).astype(np.float32), note
 
 
 @dataclass(repr=False)
@@ -194,22 +270,16 @@ def _resampler(orig: int, new: int) -> torchaudio.transforms.Resample:
     return torchaudio.transforms.Resample(orig, new)
 
 
-def _decode(data: bytes | Path) -> tuple[np.ndarray, int, int]:
-    """Decode audio to mono float32 ``(samples, sample_rate, channels)``; `_Unusable` if it cannot be used."""
+def _decode(data: bytes | Path) -> DecodedAudio:
+    """`decode_audio` plus the datasets' silence rule; `_Unusable` if the file is skipped."""
     try:
-        x, sr = sf.read(io.BytesIO(data) if isinstance(data, bytes) else data, dtype="float32", always_2d=True)
-    except Exception as err:  # libsndfile raises several types (LibsndfileError, RuntimeError, TypeError)
-        raise _Unusable("unreadable", f"cannot decode ({type(err).__name__}: {err})") from err
-    channels = x.shape[1]
-    if x.shape[0] == 0:
-        raise _Unusable("empty", "no audio frames")
-    mono = x[:, 0] if channels == 1 else x.mean(axis=1)
-    peak = float(np.abs(mono).max())
-    if not np.isfinite(peak):
-        raise _Unusable("unreadable", "non-finite samples")
+        audio = decode_audio(data)
+    except AudioReadError as err:
+        raise _Unusable(err.reason, err.detail) from err
+    peak = audio.peak
     if peak < SILENCE_PEAK:
         raise _Unusable("silent", f"silent (peak {peak:.2e} < {SILENCE_PEAK:g})")
-    return np.ascontiguousarray(mono), int(sr), channels
+    return audio
 
 
 def _place(x: torch.Tensor, out: torch.Tensor) -> None:
@@ -269,12 +339,15 @@ def _load_items(items: Iterable[tuple[Path, int, str]], report: _LoadReport, cla
     for path, label, group in items:
         report.seen += 1
         try:
-            mono, sr, channels = _decode(path)
+            audio = _decode(path)
         except _Unusable as bad:
             report.skip(path, *bad.args)
             continue
-        report.downmixed += channels > 1
-        signals.append((mono, sr))
+        report.downmixed += audio.channels > 1
+        mono, note = fit_full_scale(audio.samples)
+        if note is not None:
+            warnings.warn(f"{path}: {note}", AudioDataWarning, stacklevel=3)
+        signals.append((mono, audio.sample_rate))
         labels.append(label)
         groups.append(group)
         sources.append(str(path))
@@ -433,11 +506,11 @@ def load_digits(cache_dir: str | Path | None = None, split: str = "train", sampl
             raise DigitCacheError(f"cached digit clip is corrupt (sha256 differs from the manifest): {path}; "
                                   f"{rebuild_hint(cache)}")
         try:
-            mono, sr, _ = _decode(data)
+            audio = _decode(data)
         except _Unusable as bad:
             raise DigitCacheError(f"cached digit clip {path} is unusable ({bad.args[1]}); "
                                   f"{rebuild_hint(cache)}") from bad
-        signals.append((mono, sr))
+        signals.append((audio.samples, audio.sample_rate))
     return AudioClips(audio=_to_clips(signals, sample_rate, length),
                       labels=torch.tensor([e["digit"] for e in entries], dtype=torch.int64),
                       groups=[e["voice"] for e in entries], sample_rate=sample_rate,

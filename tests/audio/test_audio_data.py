@@ -315,6 +315,37 @@ def test_folder_empty_and_unusable_dirs_raise(tmp_path: Path) -> None:
         load_folder(tmp_path / "missing")
 
 
+def test_folder_scales_over_range_float_files_and_skips_non_finite(tmp_path: Path) -> None:
+    root = tmp_path / "set"
+    sr = 16000
+    loud = tone(300, 0.5, sr, amp=0.6) * 50  # a float file at x50: peak 30, most samples over full scale
+    write(root / "a" / "loud.wav", loud, sr, subtype="FLOAT")
+    write(root / "a" / "ok.wav", tone(300, 0.5, sr), sr, subtype="FLOAT")
+    for name, value in (("nan.wav", np.nan), ("inf.wav", -np.inf)):
+        x = tone(400, 0.5, sr)
+        x[1600] = value
+        write(root / "b" / name, x, sr, subtype="FLOAT")
+    write(root / "b" / "fine.wav", tone(400, 0.5, sr), sr)
+    with pytest.warns(AudioDataWarning) as record:
+        clips = load_folder(root)
+    msgs = messages(record)
+    over, peak = float(np.mean(np.abs(loud) > 1.0)), float(np.abs(loud).max())
+    said = [m for m in msgs if "loud.wav" in m]
+    assert len(said) == 1 and f"{100 * over:.3g}% of the samples exceed full scale" in said[0], said
+    assert f"(peak {peak:.4g}): scaled by 1/{peak:.4g} to peak 1.0" in said[0] and peak == pytest.approx(30.0)
+    for name in ("nan.wav", "inf.wav"):
+        assert [m for m in msgs if name in m] == [f"skipping {root / 'b' / name}: 1 of 8000 samples are NaN or "
+                                                  f"infinite (the first at 0.1000 s, sample 1600)"]
+    assert msgs[-1].endswith("skipped 2 of 5 files: 2 non-finite")
+    names = [Path(src).name for src in clips.sources]
+    assert sorted(names) == ["fine.wav", "loud.wav", "ok.wav"]
+    got = clips.audio[names.index("loud.wav"), 0, 4000:12000].numpy()  # 0.5 s centred in 1 s
+    np.testing.assert_allclose(got, loud / peak, atol=1e-6)  # scaled, not hard-clipped
+    assert float(np.abs(got).max()) == pytest.approx(1.0, abs=1e-6) and np.mean(np.abs(got) > 0.999) < 0.05
+    ok = clips.audio[names.index("ok.wav"), 0, 4000:12000].numpy()
+    np.testing.assert_array_equal(ok, tone(300, 0.5, sr))  # in range: untouched
+
+
 # ---------------------------------------------------------------- espeak digits
 
 
