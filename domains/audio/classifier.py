@@ -284,7 +284,8 @@ def train_classifier(
                 bar.update(task, description=f"epoch {epoch + 1}/{epochs} valid {row['valid_acc']:.3f}")
             history.append(row)
     model.eval()
-    model.meta = {"train_seconds": time.perf_counter() - start, "epochs": epochs, "seed": seed}
+    model.meta = {"train_seconds": time.perf_counter() - start, "epochs": epochs, "seed": seed,
+                  "class_names": list(train.class_names)}
     return model, history
 
 

@@ -24,7 +24,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -40,11 +40,15 @@ from multidiff.spaces import Euclidean, Space
 __all__ = [
     "AudioDomain",
     "AudioData",
+    "AudioMetricsWarning",
     "AudioModel",
     "ClassifierLoss",
+    "classifier_class_names",
     "DEFAULT_CLASSIFIER",
+    "InputClip",
     "load_any_classifier",
     "export_classifier",
+    "match_classes",
     "parse_span",
     "read_clip",
 ]
@@ -184,33 +188,70 @@ def load_clips(data: AudioData, split: str = "train") -> Any:
 # --- input clip and mask span -----------------------------------------------------------------------------------------
 
 
-def read_clip(path: Path | str, sample_rate: int, length: int) -> tuple[Tensor, bool]:
-    """A WAV/FLAC file as mono float32 ``[length]`` at `sample_rate` (resampled, mono-mixed, end-padded or cropped);
-    also whether its samples are exactly 16-bit PCM values (so a PCM_16 write keeps them bit-exact)."""
+class InputClip(NamedTuple):
+    """An ``--inpaint`` file fitted to the model's clip: ``audio`` [length] float32, whether its samples are exactly
+    16-bit PCM values (a PCM_16 write keeps them bit-exact), and the file's own length in seconds and in samples
+    at the model's rate (before cropping / padding)."""
+
+    audio: Tensor
+    exact16: bool
+    seconds: float
+    samples: int
+
+
+def _secs(x: float) -> str:
+    """Seconds for messages: 30, 0.8, 0.812."""
+    return f"{x:.3f}".rstrip("0").rstrip(".") or "0"
+
+
+def read_clip(path: Path | str, sample_rate: int, length: int) -> InputClip:
+    """A WAV/FLAC file as mono float32 ``[length]`` at `sample_rate` (resampled, mono-mixed, end-padded or cropped).
+
+    Read and checked by `domains.audio.data.decode_audio`, the datasets' reader: unreadable, empty and NaN/inf
+    files raise ValueError naming the file. A float file over full scale is scaled down to peak 1.0 like in the
+    datasets. Time 0 stays time 0, so ``--mask`` seconds refer to the file's own timeline: a longer file is cut
+    to its first ``length`` samples, a shorter one is padded with silence at the end; both with an
+    `AudioDataWarning` saying so.
+    """
+    from domains.audio.data import AudioDataWarning, AudioReadError, decode_audio, fit_full_scale
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--inpaint {path}: file not found")
     try:
-        info = sf.info(str(path))
-        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as err:  # libsndfile raises several exception types
-        raise ValueError(f"--inpaint {path}: cannot read the audio file ({type(err).__name__}: {err})") from err
-    if x.shape[0] == 0:
-        raise ValueError(f"--inpaint {path}: the file has no audio frames")
-    exact16 = info.subtype == "PCM_16" and x.shape[1] == 1 and sr == sample_rate
-    mono = torch.from_numpy(np.ascontiguousarray(x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]))
+        decoded = decode_audio(path)
+    except AudioReadError as err:
+        raise ValueError(f"--inpaint {path}: {err.detail}") from err
+    samples, note = fit_full_scale(decoded.samples)
+    if note is not None:
+        warnings.warn(f"--inpaint {path}: {note}", AudioDataWarning, stacklevel=2)
+    sr = decoded.sample_rate
+    exact16 = decoded.subtype == "PCM_16" and decoded.channels == 1 and sr == sample_rate and note is None
+    mono = torch.from_numpy(samples)
     if sr != sample_rate:
         import torchaudio
 
-        mono = torchaudio.functional.resample(mono, sr, sample_rate).clamp_(-1.0, 1.0)
+        mono = torchaudio.functional.resample(mono, sr, sample_rate).clamp_(-1.0, 1.0)  # sinc overshoot only
+    n = mono.shape[0]
+    model_s, file_s = length / sample_rate, decoded.seconds
+    if n > length:
+        warnings.warn(f"--inpaint {path} is {_secs(file_s)} s; the model's clip is {_secs(model_s)} s: using the first "
+                      f"{_secs(model_s)} s", AudioDataWarning, stacklevel=2)
+    elif n < length:
+        warnings.warn(f"--inpaint {path} is {_secs(file_s)} s; the model's clip is {_secs(model_s)} s: padded with "
+                      f"silence from {_secs(n / sample_rate)} s to {_secs(model_s)} s", AudioDataWarning, stacklevel=2)
     out = torch.zeros(length, dtype=torch.float32)
-    n = min(length, mono.shape[0])
-    out[:n] = mono[:n]  # time 0 stays time 0, so --mask seconds refer to the file's own timeline
-    return out, exact16
+    out[: min(n, length)] = mono[:length]
+    return InputClip(out, exact16, file_s, n)
 
 
-def parse_span(mask: str, seconds: float, sample_rate: int) -> tuple[int, int]:
-    """``"0.3:0.5"`` (seconds) -> the sample span [start, end) to regenerate; errors say what is wrong."""
+def parse_span(mask: str, seconds: float, sample_rate: int, clip: InputClip | None = None,
+               file: Path | str | None = None) -> tuple[int, int]:
+    """``"0.3:0.5"`` (seconds) -> the sample span [start, end) to regenerate; errors say what is wrong.
+
+    With the input `clip` (and its `file` name), a span that starts where the file has already ended (it would
+    regenerate padding only) is refused, naming the file's real length.
+    """
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*:\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*", mask)
     if m is None:
         raise ValueError(f"--mask {mask!r}: expected START:END in seconds, e.g. 0.3:0.5")
@@ -218,10 +259,16 @@ def parse_span(mask: str, seconds: float, sample_rate: int) -> tuple[int, int]:
     if not start < end:
         raise ValueError(f"--mask {mask!r}: start {start:g} s must be before end {end:g} s")
     if end > seconds + 1e-9:
-        raise ValueError(f"--mask {mask!r}: the span ends after the clip (clips are {seconds:g} s long)")
+        longer = (f"; {file} is {_secs(clip.seconds)} s long and only its first {seconds:g} s are used"
+                  if clip is not None and clip.samples > round(seconds * sample_rate) else "")
+        raise ValueError(f"--mask {mask!r}: the span ends after the clip (clips are {seconds:g} s long){longer}")
     a, b = int(round(start * sample_rate)), min(int(round(end * sample_rate)), int(round(seconds * sample_rate)))
     if b <= a:
         raise ValueError(f"--mask {mask!r}: the span is shorter than one sample at {sample_rate} Hz")
+    if clip is not None and a >= clip.samples:
+        raise ValueError(f"--mask {mask!r}: the span lies entirely in the silence padded after the end of {file}, "
+                         f"which is {_secs(clip.seconds)} s long (the model's clip is {seconds:g} s); choose a span "
+                         f"that starts before {_secs(clip.samples / sample_rate)} s")
     return a, b
 
 
@@ -314,7 +361,7 @@ def _classifier_from_run(path: Path, prefer_ema: bool = True) -> nn.Module:
     prefix = "classifier."
     state = {k[len(prefix):]: v for k, v in ckpt.weights(prefer_ema).items() if k.startswith(prefix)}
     model.load_state_dict(state)
-    model.meta = {"source": str(ckpt.path), "step": ckpt.step}
+    model.meta = {"source": str(ckpt.path), "step": ckpt.step, "class_names": _class_names(cfg.data)}
     return model.eval()
 
 
@@ -425,20 +472,21 @@ class AudioDomain(Domain):
         else:  # cycle through the classes so an unlabelled request still covers all of them
             labels = (torch.arange(num) + seed) % len(names)  # chunk at sample s gets seed + s: one cycle overall
         meta: dict[str, Any] = {"labels": labels, "class_names": names, "sample_rate": sr,
-                                "wav_format": "float" if cfg.data.wav_format == "float" else "pcm16"}
+                                "wav_format": "float" if cfg.data.wav_format == "float" else "pcm16",
+                                "data": _data_record(cfg.data)}
         known = keep = None
         if inpaint is not None or mask is not None:
             if inpaint is None:
                 raise ValueError(f"--mask {mask!r} needs --inpaint FILE.wav (the clip whose other parts are kept)")
             if mask is None:
                 raise ValueError(f"--inpaint {inpaint}: needs --mask START:END (seconds to regenerate, e.g. 0.3:0.5)")
-            clip, exact16 = read_clip(inpaint, sr, length)
-            a, b = parse_span(mask, length / sr, sr)
+            clip = read_clip(inpaint, sr, length)
+            a, b = parse_span(mask, length / sr, sr, clip, inpaint)
             keep = torch.ones(1, 1, length, dtype=torch.bool)
             keep[..., a:b] = False
-            known = clip.view(1, 1, length).expand(num, 1, length).contiguous()
+            known = clip.audio.view(1, 1, length).expand(num, 1, length).contiguous()
             keep = keep.expand(num, 1, length).contiguous()
-            if cfg.data.wav_format == "auto" and not exact16:
+            if cfg.data.wav_format == "auto" and not clip.exact16:
                 meta["wav_format"] = "float"  # keep the kept part bit-exact in the written file
             meta["inpaint"] = {"file": str(Path(inpaint).resolve()), "start_s": a / sr, "end_s": b / sr,
                                "start": a, "end": b}
@@ -471,6 +519,8 @@ class AudioDomain(Domain):
             rows.append({"file": path.name, "label": lab, "name": names[lab]})
         png = spectrogram_grid_png(audio, sr, out_dir / GRID_FILE, titles=[f"#{i} {names[r['label']]}" for i, r in enumerate(rows)])
         meta = {"sample_rate": sr, "class_names": names, "samples": rows}
+        if "data" in samples:
+            meta["data"] = samples["data"]  # the model's data: `evaluate` scores against the same reference set
         if "inpaint" in samples:
             meta["inpaint"] = samples["inpaint"]
         labels_path = out_dir / LABELS_FILE
@@ -478,7 +528,12 @@ class AudioDomain(Domain):
         return [*files, Path(png), labels_path]
 
     def read(self, path: Path) -> dict[str, Any]:
-        """Read WAVs written by ``write`` (a directory, or one WAV) with their labels when labels.json is there."""
+        """Read WAVs written by ``write`` (a directory, or one WAV) with their labels when labels.json is there.
+
+        Every file goes through `decode_audio` (unreadable, empty or NaN/inf files raise ValueError naming them);
+        amplitudes are kept as stored."""
+        from domains.audio.data import AudioReadError, decode_audio
+
         path = Path(path)
         if path.is_file():
             files, meta = [path], {}
@@ -496,13 +551,14 @@ class AudioDomain(Domain):
             if not f.is_file():
                 raise FileNotFoundError(f"{f}: listed in {path / LABELS_FILE} but missing")
             try:
-                x, sr = sf.read(str(f), dtype="float32", always_2d=True)
-            except Exception as err:
-                raise ValueError(f"{f}: cannot read the WAV ({type(err).__name__}: {err})") from err
+                decoded = decode_audio(f)
+            except AudioReadError as err:
+                raise ValueError(f"{f}: {err.detail}") from err
+            sr = decoded.sample_rate
             if rate is not None and sr != rate:
                 raise ValueError(f"{f}: sample rate {sr} Hz differs from {rate} Hz of the other files")
             rate = sr
-            waves.append(torch.from_numpy(np.ascontiguousarray(x.mean(axis=1))))
+            waves.append(torch.from_numpy(decoded.samples))
         length = max(w.shape[0] for w in waves)
         audio = torch.zeros(len(waves), 1, length)
         for i, w in enumerate(waves):
@@ -518,7 +574,14 @@ class AudioDomain(Domain):
                 "lengths": [w.shape[0] for w in waves]}
 
     def evaluate(self, path: Path, cfg: Any | None = None) -> dict[str, Any]:
-        """Basic stats always; SC09-protocol metrics (IS, FID, cond. accuracy...) when a digit classifier is available."""
+        """Basic stats always; SC09-protocol metrics (IS, FID, cond. accuracy...) when a classifier that knows the
+        samples' classes is available. Undefined metrics are None (JSON null), never NaN.
+
+        Samples written by `multidiff sample` record their model's data settings and class names in labels.json:
+        those decide the reference set and the classes, so `sample` and `evaluate` score the same files the same
+        way whatever recipe `evaluate` is given; ``data.classifier`` (when set) still picks the judge. WAVs without
+        that record are taken to be from ``cfg.data``.
+        """
         s = self.read(path)
         audio, sr = s["audio"], s["sample_rate"]
         rms = audio.pow(2).mean(dim=(1, 2)).sqrt()
@@ -533,30 +596,130 @@ class AudioDomain(Domain):
         info = s["meta"].get("inpaint")
         if info and Path(info["file"]).is_file():
             out.update(_inpaint_metrics(audio, sr, info))
-        data = cfg.data if cfg is not None else AudioData()
-        ckpt = Path(data.classifier).expanduser() if data.classifier else DEFAULT_CLASSIFIER
-        if not ckpt.exists():
-            out["classifier_metrics"] = f"unavailable: no digit classifier at {ckpt} (set data.classifier in a --config YAML, or ship that file)"
-            return out
-        from domains.audio.metrics import evaluate_audio
+        data = _samples_data(s["meta"], cfg.data if cfg is not None else AudioData())
+        out.update(_classifier_metrics(audio, sr, s["labels"], s["meta"].get("class_names"), data))
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()}
 
-        clf = load_any_classifier(ckpt)
-        if s["labels"] is not None and int(s["labels"].max()) >= clf.num_classes:
-            out["classifier_metrics"] = f"unavailable: labels exceed the classifier's {clf.num_classes} classes"
-            return out
-        reference = None
-        if audio.shape[0] >= 2:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    reference = load_clips(data, "test" if data.source != "folder" else "train")
-            except Exception as err:  # the reference set is optional: no FID then
-                out["reference"] = f"unavailable ({type(err).__name__}: {err})"
-        metrics = evaluate_audio(audio, clf, reference=reference, labels=s["labels"], sample_rate=sr,
-                                 ndb_bins=min(50, max(2, audio.shape[0] // 4)))
-        out.update({k: float(v) for k, v in metrics.items()})
-        out["classifier"] = str(ckpt)
-        return out
+
+class AudioMetricsWarning(UserWarning):
+    """Audio metrics were left out (e.g. the classifier does not know the samples' classes)."""
+
+
+_DATA_PATHS = ("root", "cache_dir", "classifier")
+
+
+def _data_record(data: AudioData) -> dict[str, Any]:
+    """The data settings of a model as written to labels.json, with absolute paths (evaluate may run elsewhere)."""
+    from dataclasses import asdict
+
+    record = asdict(data)
+    for key in _DATA_PATHS:
+        if record.get(key):
+            record[key] = str(Path(record[key]).expanduser().resolve())
+    record["class_names"] = _class_names(data)
+    return record
+
+
+def _samples_data(meta: dict[str, Any], data: AudioData) -> AudioData:
+    """The data settings to score samples with: the ones recorded by `multidiff sample` in labels.json when there
+    (``data.classifier`` of `data` still wins when set), else `data`."""
+    from dataclasses import fields
+
+    recorded = meta.get("data")
+    if not isinstance(recorded, dict):
+        return data
+    known = {f.name for f in fields(AudioData)}
+    out = AudioData(**{k: v for k, v in recorded.items() if k in known})
+    if data.classifier:
+        out.classifier = data.classifier
+    return out
+
+
+def _name_key(name: str) -> str:
+    """A class name compared case-insensitively, a digit '0'..'9' as its word ('7' ~ 'seven')."""
+    from domains.audio.synth import DIGIT_WORDS
+
+    key = str(name).strip().lower()
+    return DIGIT_WORDS[int(key)] if len(key) == 1 and key.isdigit() else key
+
+
+def classifier_class_names(clf: nn.Module) -> list[str] | None:
+    """The class names of a metrics classifier: recorded in its metadata (runs of ``--config classifier``, files
+    written since names were recorded), else the ten digit words for a 10-class digit classifier file (the shipped
+    one is trained on the spoken digits), else None (unknown)."""
+    from domains.audio.synth import DIGIT_WORDS
+
+    names = (getattr(clf, "meta", None) or {}).get("class_names")
+    if names:
+        return [str(n) for n in names]
+    return list(DIGIT_WORDS) if getattr(clf, "num_classes", None) == len(DIGIT_WORDS) else None
+
+
+def match_classes(model_names: list[str], judge_names: list[str] | None) -> tuple[Tensor | None, list[str]]:
+    """Map model class indices to the judge's by name: ``(index map [len(model_names)], unmatched model names)``;
+    the map is None when any name is unmatched."""
+    if judge_names is None:
+        return None, list(model_names)
+    index = {_name_key(n): i for i, n in enumerate(judge_names)}
+    missing = [n for n in model_names if _name_key(n) not in index]
+    if missing:
+        return None, missing
+    return torch.tensor([index[_name_key(n)] for n in model_names], dtype=torch.long), []
+
+
+CLASSIFIER_METRICS = ("is", "mis", "fid", "am", "ndb_k", "ndb", "cond_acc", "n")
+
+
+def _classifier_metrics(audio: Tensor, sr: int, labels: Tensor | None, class_names: list[str] | None,
+                        data: AudioData) -> dict[str, Any]:
+    """The classifier-based scores (`CLASSIFIER_METRICS`), or ``classifier_metrics: "unavailable: WHY"`` (with an
+    `AudioMetricsWarning`) when no classifier is there or it does not know the samples' classes by name."""
+    ckpt = Path(data.classifier).expanduser() if data.classifier else DEFAULT_CLASSIFIER
+    if not ckpt.exists():
+        return {"classifier_metrics": f"unavailable: no digit classifier at {ckpt} (set data.classifier in a --config "
+                                      f"YAML, or ship that file)"}
+    from domains.audio.metrics import evaluate_audio
+
+    clf = load_any_classifier(ckpt)
+    if class_names is None and labels is not None:
+        try:
+            class_names = _class_names(data)
+        except (ValueError, FileNotFoundError):
+            class_names = None
+    judge_names = classifier_class_names(clf)
+    if class_names is not None:
+        mapping, missing = match_classes(list(class_names), judge_names)
+        if mapping is None:
+            knows = f"its classes are {judge_names}" if judge_names is not None else "it records no class names"
+            why = (f"the classifier {ckpt} does not know the samples' classes {missing} ({knows}), so "
+                   f"{', '.join(CLASSIFIER_METRICS[:-1])} are left out; score them with a classifier trained on "
+                   f"these classes: data.classifier=RUN (`multidiff train audio --config classifier "
+                   f"data.source=... data.root=...`)")
+            warnings.warn(f"audio metrics: {why}", AudioMetricsWarning, stacklevel=3)
+            return {"classifier_metrics": f"unavailable: {why}"}
+        if labels is not None:
+            if int(labels.max()) >= len(class_names) or int(labels.min()) < 0:
+                return {"classifier_metrics": f"unavailable: labels exceed the samples' {len(class_names)} classes"}
+            labels = mapping[labels.long()]
+    elif labels is not None and int(labels.max()) >= clf.num_classes:
+        return {"classifier_metrics": f"unavailable: labels exceed the classifier's {clf.num_classes} classes"}
+    out: dict[str, Any] = {}
+    reference = None
+    if audio.shape[0] >= 2:
+        split = "test" if data.source != "folder" else "train"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                reference = load_clips(data, split)
+            where = data.root if data.source != "digits" else (data.cache_dir or "default cache")
+            out["reference"] = f"{data.source} {where}, {split} split, {len(reference)} clips"
+        except Exception as err:  # the reference set is optional: no FID then
+            out["reference"] = f"unavailable ({type(err).__name__}: {err})"
+    metrics = evaluate_audio(audio, clf, reference=reference, labels=labels, sample_rate=sr,
+                             ndb_bins=min(50, max(2, audio.shape[0] // 4)))
+    out.update({k: None if v is None else float(v) for k, v in metrics.items()})
+    out["classifier"] = str(ckpt)
+    return out
 
 
 def _write_wav(path: Path, wave: Tensor, sample_rate: int, fmt: str) -> None:
@@ -569,11 +732,13 @@ def _write_wav(path: Path, wave: Tensor, sample_rate: int, fmt: str) -> None:
         sf.write(str(path), pcm, sample_rate, subtype="PCM_16")
 
 
-def _inpaint_metrics(audio: Tensor, sample_rate: int, info: dict[str, Any]) -> dict[str, float]:
+def _inpaint_metrics(audio: Tensor, sample_rate: int, info: dict[str, Any]) -> dict[str, float | None]:
     """How the regenerated span relates to the original clip: SNR / MR-STFT there, max error outside it."""
     from domains.audio.metrics import multi_resolution_stft_distance, snr_db
 
-    original, _ = read_clip(info["file"], sample_rate, audio.shape[-1])
+    with warnings.catch_warnings():  # the crop / padding was reported when the samples were made
+        warnings.simplefilter("ignore")
+        original = read_clip(info["file"], sample_rate, audio.shape[-1]).audio
     target = original.view(1, 1, -1).expand_as(audio)
     span = torch.zeros(audio.shape[-1], dtype=torch.bool)
     span[info["start"]: info["end"]] = True
@@ -581,4 +746,4 @@ def _inpaint_metrics(audio: Tensor, sample_rate: int, info: dict[str, Any]) -> d
            "inpaint_snr_db": snr_db(audio, target, span)}
     if info["end"] - info["start"] >= 1024:
         out["inpaint_mr_stft"] = multi_resolution_stft_distance(audio, target, span)["mr_stft"]
-    return out if all(math.isfinite(v) for v in out.values()) else {k: v for k, v in out.items() if math.isfinite(v)}
+    return {k: v if v is not None and math.isfinite(v) else None for k, v in out.items()}

@@ -175,8 +175,10 @@ def _spans(mask: torch.Tensor | None, n: int, t: int) -> list[tuple[int, int]]:
     return spans
 
 
-def snr_db(estimate: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """Mean per-clip SNR (dB) of `estimate` vs `target` [N,1,T] on the masked samples; capped at 120 dB."""
+def snr_db(estimate: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> float | None:
+    """Mean per-clip SNR (dB) of `estimate` vs `target` [N,1,T] on the masked samples; capped at 120 dB.
+
+    None (undefined) when a target is digital silence on its masked samples: there is no signal to compare with."""
     est, tgt = _f64(estimate).reshape(estimate.shape[0], -1), _f64(target).reshape(target.shape[0], -1)
     if est.shape != tgt.shape:
         raise ValueError(f"shape mismatch {tuple(est.shape)} vs {tuple(tgt.shape)}")
@@ -185,6 +187,8 @@ def snr_db(estimate: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
     else:
         w = mask.detach().cpu().to(torch.float64).reshape(-1, tgt.shape[1]).expand_as(tgt)
     signal = (w * tgt.pow(2)).sum(1)
+    if not bool((signal > 0).all()):
+        return None
     error = (w * (tgt - est).pow(2)).sum(1)
     floor = signal * 10.0 ** (-SNR_CAP_DB / 10.0) + 1e-30
     return float((10.0 * torch.log10((signal + 1e-30) / torch.maximum(error, floor))).mean())
@@ -234,18 +238,18 @@ def evaluate_audio(
     ndb_bins: int = 50,
     batch_size: int = 256,
     seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """SC09-protocol scores of generated `samples` [N,1,T] (Donahue et al. 2019; Kong et al. 2021; Goel et al. 2022).
 
     Always: `is`, `mis`. With `reference` (real clips; a tensor is taken at `sample_rate`): `fid`, `am`,
     `ndb_k`, `ndb`. With `labels` (the conditioning labels): `cond_acc`. With `target` (the original audio for
-    inpainting) and optional `mask` (True on the regenerated span): `snr_db`, `mr_stft`,
-    `spectral_convergence`, `log_stft_mag`. `sample_rate` defaults to the classifier's.
+    inpainting) and optional `mask` (True on the regenerated span): `snr_db` (None when the target is silent
+    there), `mr_stft`, `spectral_convergence`, `log_stft_mag`. `sample_rate` defaults to the classifier's.
     """
     sr = sample_rate or classifier.sample_rate
     logits, feats = classifier_outputs(classifier, audio_at(samples, sr, classifier.sample_rate), batch_size)
     probs = torch.softmax(logits.double(), dim=1)
-    out: dict[str, float] = {
+    out: dict[str, float | None] = {
         "n": float(samples.shape[0]),
         "is": inception_score(probs),
         "mis": modified_inception_score(probs),

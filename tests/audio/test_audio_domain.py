@@ -13,7 +13,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from domains.audio.domain import AudioDomain, parse_span
+from domains.audio.data import AudioDataError, AudioDataWarning, load_folder
+from domains.audio.domain import AudioDomain, match_classes, parse_span
+from domains.audio.synth import DIGIT_WORDS
 from multidiff import pipeline
 from multidiff.guidance import ClassifierFreeGuidance
 
@@ -32,6 +34,11 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 def last_json(proc: subprocess.CompletedProcess) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def squash(text: str) -> str:
+    """Text without whitespace (an error printer may wrap long lines)."""
+    return "".join(text.split())
 
 
 def _tone(freq: float, seconds: float, rng: np.random.Generator) -> np.ndarray:
@@ -162,3 +169,113 @@ def test_labels_and_spans() -> None:
     for bad in ["0.2:0.2", "-0.1:0.2", "0.1", "0.1:0.2:0.3", "0.99999:1.0"]:
         with pytest.raises(ValueError, match="--mask"):
             parse_span(bad, 1.0, SR)
+
+
+def test_inpaint_wav_with_nan_or_inf_fails_naming_the_file(run: Path, tmp_path: Path) -> None:
+    clip = np.full(SR, 0.1, dtype=np.float32)
+    clip[1234] = np.nan
+    bad = tmp_path / "nan_clip.wav"
+    sf.write(bad, clip, SR, subtype="FLOAT")
+    proc = cli("sample", "audio", "--checkpoint", str(run), "--inpaint", str(bad), "--mask", "0.3:0.5", "--num", "1",
+               "--steps", "2", "--out", str(tmp_path / "o"), "--no-progress")
+    err = squash(proc.stderr)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "FloatingPointError" not in proc.stderr
+    assert squash(f"--inpaint {bad}: 1 of 16000 samples are NaN or infinite (the first at 0.0771 s, sample 1234)") in err
+    assert not any((tmp_path / "o").glob("*.wav"))
+    # inf too (it used to be clamped to full scale when the file was resampled), at another rate
+    clip8k = np.full(8000, 0.1, dtype=np.float32)
+    clip8k[10] = np.inf
+    inf = tmp_path / "inf_clip.wav"
+    sf.write(inf, clip8k, 8000, subtype="FLOAT")
+    model = pipeline.load_model(run)
+    with pytest.raises(ValueError, match=r"inf_clip\.wav: 1 of 8000 samples are NaN or infinite"):
+        model.domain.request(model.cfg, 1, {}, inf, "0.3:0.5")
+    # the data loader rejects the same files with the same words (one reader and check)
+    folder = tmp_path / "set" / "x"
+    folder.mkdir(parents=True)
+    for f in (bad, inf):
+        (folder / f.name).write_bytes(f.read_bytes())
+    with pytest.warns(AudioDataWarning) as record, pytest.raises(AudioDataError, match="none usable"):
+        load_folder(tmp_path / "set")
+    assert sum("NaN or infinite" in str(w.message) for w in record) == 2
+
+
+def test_inpaint_says_what_it_does_with_longer_and_shorter_files(run: Path, tmp_path: Path) -> None:
+    model = pipeline.load_model(run)
+    dom, cfg = model.domain, model.cfg
+    rng = np.random.default_rng(1)
+    long = tmp_path / "long.wav"
+    x = _tone(300, 3.0, rng)
+    sf.write(long, x, SR, subtype="FLOAT")
+    with pytest.warns(AudioDataWarning, match=r"long\.wav is 3 s; the model's clip is 1 s: using the first 1 s"):
+        req = dom.request(cfg, 1, {}, long, "0.2:0.4")
+    assert torch.equal(req.known[0, 0], torch.from_numpy(x[:SR]))
+    with pytest.warns(AudioDataWarning), pytest.raises(ValueError, match=r"ends after the clip \(clips are 1 s long\); "
+                                                                           r".*long\.wav is 3 s long and only its first 1 s"):
+        dom.request(cfg, 1, {}, long, "2:2.5")
+    short = tmp_path / "short.wav"
+    y = _tone(300, 0.5, rng)
+    sf.write(short, y, SR, subtype="FLOAT")
+    with pytest.warns(AudioDataWarning, match=r"short\.wav is 0\.5 s; the model's clip is 1 s: padded with silence "
+                                              r"from 0\.5 s to 1 s"):
+        req = dom.request(cfg, 1, {}, short, "0.4:0.6")  # partly in the padding: allowed
+    assert torch.equal(req.known[0, 0, : SR // 2], torch.from_numpy(y)) and not req.known[0, 0, SR // 2:].any()
+    with pytest.warns(AudioDataWarning), pytest.raises(
+            ValueError, match=r"--mask '0\.6:0\.9': the span lies entirely in the silence padded after the end of "
+                              r".*short\.wav, which is 0\.5 s long \(the model's clip is 1 s\)"):
+        dom.request(cfg, 1, {}, short, "0.6:0.9")
+    proc = cli("sample", "audio", "--checkpoint", str(run), "--inpaint", str(short), "--mask", "0.5:1", "--num", "1",
+               "--steps", "2", "--out", str(tmp_path / "o"), "--no-progress")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert squash("the span lies entirely in the silence padded after the end of") in squash(proc.stderr)
+    assert squash("padded with silence from 0.5 s to 1 s") in squash(proc.stderr)  # the warning came first
+    assert not any((tmp_path / "o").glob("*.wav"))
+
+
+def test_judge_classes_are_matched_by_name() -> None:
+    digits = list(DIGIT_WORDS)
+    mapping, missing = match_classes(["seven", "0", " Two "], digits)
+    assert mapping.tolist() == [7, 0, 2] and missing == []
+    assert match_classes(["0", "1", "2", "ünï_lábel"], digits) == (None, ["ünï_lábel"])
+    assert match_classes(["a"], None) == (None, ["a"])
+
+
+def test_sample_and_evaluate_report_the_same_metrics(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    res = last_json(cli("sample", "audio", "--checkpoint", str(run), "--num", "4", "--steps", "2", "--out", str(out),
+                        "--no-progress"))
+    assert {"fid", "is", "cond_acc"} <= set(res["metrics"])  # folders "0".."9" are the judge's digits by name
+    assert "folder" in res["metrics"]["reference"]
+    # without --checkpoint (the default recipe is the spoken digits): the samples' labels.json says what they are
+    assert last_json(cli("evaluate", "audio", str(out))) == res["metrics"]
+
+
+@pytest.fixture(scope="module")
+def odd_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder model whose classes are not the judge's: 0, 1, 2 and ünï_lábel."""
+    root = tmp_path_factory.mktemp("odd")
+    rng = np.random.default_rng(2)
+    for k, label in enumerate(["0", "1", "2", "ünï_lábel"]):
+        (root / label).mkdir()
+        for i in range(2):
+            sf.write(root / label / f"c{i}.wav", _tone(250 + 80 * k, 0.6, rng), SR, subtype="PCM_16")
+    out = tmp_path_factory.mktemp("odd_run") / "run"
+    res = last_json(cli("train", "audio", "--config", "fast", "data.source=folder", f"data.root={root}",
+                        "train.steps=1", *TINY, "--out", str(out), "--no-progress"))
+    assert res["step"] == 1
+    return out
+
+
+def test_judge_is_not_used_for_classes_it_does_not_know(odd_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    proc = cli("sample", "audio", "--checkpoint", str(odd_run), "--label", "ünï_lábel", "--num", "2", "--steps", "2",
+               "--out", str(out), "--no-progress")
+    res = last_json(proc)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == res["metrics"]
+    assert not {"cond_acc", "is", "mis", "fid", "am", "ndb_k", "ndb"} & set(metrics), metrics
+    assert metrics["classifier_metrics"].startswith("unavailable: ") and "ünï_lábel" in metrics["classifier_metrics"]
+    assert "AudioMetricsWarning" in proc.stderr and "ünï_lábel" in proc.stderr
+    assert metrics["count"] == 2.0 and metrics["rms"] > 0.0  # the classifier-free statistics are still there
+    again = cli("evaluate", "audio", str(out))
+    assert last_json(again) == metrics and "AudioMetricsWarning" in again.stderr

@@ -180,6 +180,15 @@ def test_snr_of_signal_plus_known_noise() -> None:
     assert snr_db(x + span_noise, x) > target_db + 5  # the untouched part dilutes it without the mask
 
 
+def test_snr_of_a_silent_target_is_undefined() -> None:
+    x = _tone()
+    mask = torch.zeros(1, 1, x.shape[-1], dtype=torch.bool)
+    mask[..., 2000:4000] = True
+    silent_there = x * ~mask  # e.g. a span in the padding after an inpainting input's end: no signal to compare with
+    assert snr_db(x, silent_there, mask) is None  # was -293 dB
+    assert snr_db(x, silent_there) is not None  # the whole clip has signal
+
+
 def test_stft_distance_is_zero_for_identical_and_grows_with_noise() -> None:
     x = _tone()
     assert multi_resolution_stft_distance(x, x)["mr_stft"] == pytest.approx(0.0, abs=1e-12)
