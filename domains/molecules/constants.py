@@ -53,6 +53,9 @@ BOND_MARGINS_PM: Final[tuple[float, float, float]] = (10.0, 5.0, 3.0)
 
 # Two atoms closer than this (Angstrom) are rejected as overlapping in user input.
 MIN_ATOM_DISTANCE_A: Final[float] = 0.1
+# A coordinate beyond this (Angstrom) in user input is not a molecule's (QM9 molecules span < 20 A; even
+# PDB-frame ligand coordinates stay within a few hundred): rejected like NaN / inf.
+MAX_COORDINATE_A: Final[float] = 1000.0
 
 # EDM feature scaling (Hoogeboom et al. 2022): one-hot * 0.25, charges * 0.1. Not applied by the loader.
 ONE_HOT_SCALE: Final[float] = 0.25

@@ -9,13 +9,14 @@ import numpy as np
 from rdkit import Chem, rdBase
 from rdkit.Chem import Draw
 
-from domains.molecules.constants import ELEMENTS, MIN_ATOM_DISTANCE_A, SYMBOLS
+from domains.molecules.constants import ELEMENTS, MAX_COORDINATE_A, MIN_ATOM_DISTANCE_A, SYMBOLS
 from domains.molecules.metrics import Molecule, MoleculeLike, as_arrays, to_rdkit
 
 __all__ = [
     "Molecule",
     "MoleculeFormatError",
     "read_sdf",
+    "read_text",
     "read_xyz",
     "write_png_grid",
     "write_sdf",
@@ -50,12 +51,41 @@ def _check_overlap(pos: np.ndarray, where: str) -> None:
         )
 
 
+_BINARY_BYTES = bytes(range(0x00, 0x09)) + bytes(range(0x0E, 0x20))  # control bytes no text file holds
+
+
+def read_text(path: str | Path, kind: str) -> str:
+    """The text of a molecule file; MoleculeFormatError naming it when it is binary (NUL / control bytes, e.g.
+    a gzip file). UTF-8, or Latin-1 when it is not valid UTF-8 (old SD files carry Latin-1 property values)."""
+    path = Path(path)
+    data = path.read_bytes()
+    bad = next((i for i, b in enumerate(data[:1 << 20]) if b in _BINARY_BYTES), None)
+    if bad is not None:
+        hint = " (gzip-compressed: decompress it first)" if data[:2] == b"\x1f\x8b" else ""
+        raise MoleculeFormatError(f"{path}: not a text {kind} file: binary data (byte 0x{data[bad]:02x} at offset "
+                                  f"{bad}){hint}; expected a text {kind} file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
 def _read_text(path: Path, kind: str) -> str:
-    """File contents; MoleculeFormatError when it holds nothing but whitespace."""
-    text = Path(path).read_text()
+    """File contents (`read_text`); MoleculeFormatError when it holds nothing but whitespace."""
+    text = read_text(path, kind)
     if not text.strip():
         raise MoleculeFormatError(f"{path}: empty file, expected at least one {kind} record")
     return text
+
+
+def _check_coordinates(pos: np.ndarray, where: str) -> None:
+    """Reject NaN / inf coordinates and absurd magnitudes (|x| > MAX_COORDINATE_A), naming the first bad atom."""
+    bad = ~np.isfinite(pos) | (np.abs(np.nan_to_num(pos, nan=0.0)) > MAX_COORDINATE_A)
+    if bad.any():
+        atom, axis = (int(v) for v in np.argwhere(bad)[0])
+        raise MoleculeFormatError(
+            f"{where}, atom {atom + 1}: coordinate {'xyz'[axis]} = {pos[atom, axis]:g} A is not a molecule's "
+            f"(expected finite coordinates within +-{MAX_COORDINATE_A:g} A)")
 
 
 def read_xyz(path: str | Path, vocabulary: Sequence[str] = ELEMENTS) -> list[Molecule]:
@@ -94,6 +124,10 @@ def read_xyz(path: str | Path, vocabulary: Sequence[str] = ELEMENTS) -> list[Mol
                 raise MoleculeFormatError(
                     f"{where}: malformed record, expected 'element x y z' with finite coordinates, got {line!r}"
                 ) from None
+            if np.abs(pos[k]).max() > MAX_COORDINATE_A:
+                raise MoleculeFormatError(
+                    f"{where}: coordinate {np.abs(pos[k]).max():g} A is not a molecule's (expected |x|, |y|, |z| "
+                    f"<= {MAX_COORDINATE_A:g} A), got {line!r}")
             symbols.append(_symbol(parts[0], vocabulary, where))
         _check_overlap(pos, head)
         mols.append(Molecule(pos, tuple(symbols)))
@@ -128,6 +162,7 @@ def read_sdf(path: str | Path, vocabulary: Sequence[str] = ELEMENTS) -> list[Mol
                 raise MoleculeFormatError(f"{head}: malformed record, expected atoms with coordinates, found none")
             symbols = tuple(_symbol(a.GetSymbol(), vocabulary, f"{head}, atom {a.GetIdx() + 1}") for a in mol.GetAtoms())
             pos = np.asarray(mol.GetConformer().GetPositions(), dtype=np.float64)
+            _check_coordinates(pos, head)
             _check_overlap(pos, head)
             mols.append(Molecule(pos, symbols))
     if not mols:

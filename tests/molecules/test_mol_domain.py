@@ -92,6 +92,18 @@ def test_cli_bad_inputs_fail_clearly(run: Path, tmp_path: Path) -> None:
 
 
 
+def test_cli_bad_molecule_files_are_named(run: Path, tmp_path: Path) -> None:
+    far = write_xyz(tmp_path / "far.xyz", [("C", 0.0, 0.0, 0.0), ("O", 1e30, 0.0, 0.0)])
+    p = cli("sample", "molecules", "--checkpoint", str(run), "--num", "2", "--inpaint", str(far), "--out", str(tmp_path / "a"))
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert squash(f"{far}, record 1, line 4: coordinate 1e+30 A is not a molecule's") in squash(p.stderr)
+    blob = tmp_path / "binary.sdf"
+    blob.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    p = cli("evaluate", "molecules", str(blob))
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "codec" not in p.stderr
+    assert squash(f"{blob}: not a text SDF file") in squash(p.stderr)
+
+
 def test_samples_have_zero_centre_of_mass_and_requested_size() -> None:
     model = tiny_model()
     req = model.domain.request(model.cfg, 6, {}, seed=1)

@@ -176,3 +176,40 @@ def test_sdf_overlapping_atoms(tmp_path: Path) -> None:
     with pytest.raises(MoleculeFormatError, match=r"ov\.sdf, record 1 \(line 1\): atoms 1 and 2 are 0\.050 A apart"):
         read_sdf(path)
     assert issubclass(MoleculeFormatError, ValueError)
+
+
+def test_binary_file_is_named_not_decoded(sample: list[Molecule], tmp_path: Path) -> None:
+    blob = tmp_path / "binary.sdf"
+    blob.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(MoleculeFormatError, match=r"binary\.sdf: not a text SDF file: binary data \(byte 0x00 at offset 0\)"):
+        read_sdf(blob)
+    xyz = tmp_path / "binary.xyz"
+    xyz.write_bytes(b"3\nwater\nO 0 0 0\x00\xff\xfe")
+    with pytest.raises(MoleculeFormatError, match=r"binary\.xyz: not a text XYZ file: binary data \(byte 0x00 at offset 15\)"):
+        read_xyz(xyz)
+    import gzip
+
+    gz = tmp_path / "zipped.sdf"
+    gz.write_bytes(gzip.compress(_sdf_text(sample[:2], tmp_path).encode()))
+    with pytest.raises(MoleculeFormatError, match=r"zipped\.sdf: not a text SDF file.*gzip-compressed: decompress it first"):
+        read_sdf(gz)
+    # Latin-1 text (not UTF-8) in a title or property line is still text
+    latin = tmp_path / "latin.sdf"
+    latin.write_bytes(_sdf_text(sample[:1], tmp_path).replace("molecule 0", "mol\u00e9cule", 1).encode("latin-1"))
+    assert len(read_sdf(latin)) == 1
+    latin_xyz = tmp_path / "latin.xyz"
+    latin_xyz.write_bytes(WATER_XYZ.replace("water", "eau \u00e0 25 \u00b0C").encode("latin-1"))
+    assert len(read_xyz(latin_xyz)) == 1
+
+
+def test_absurd_coordinates_are_rejected(sample: list[Molecule], tmp_path: Path) -> None:
+    path = _write(tmp_path, "far.xyz", WATER_XYZ + "2\nc\nC 0 0 0\nH 1e30 0 0\n")
+    with pytest.raises(MoleculeFormatError, match=r"far\.xyz, record 2, line 9: coordinate 1e\+30 A is not a molecule's"):
+        read_xyz(path)
+    assert len(read_xyz(_write(tmp_path, "ok.xyz", "2\nc\nC 999 0 0\nH 1000 0 0\n"))) == 1  # a PDB-like frame is fine
+    lines = _sdf_text(sample[:1], tmp_path).splitlines()
+    lines[5] = "  100000.0" + lines[5][10:]  # the second atom's x in the V2000 atom block
+    path = _write(tmp_path, "far.sdf", "\n".join(lines) + "\n")
+    with pytest.raises(MoleculeFormatError, match=r"far\.sdf, record 1 \(line 1\), atom 2: coordinate x = 100000 A "
+                                                  r"is not a molecule's"):
+        read_sdf(path)
