@@ -91,7 +91,8 @@ def main() -> None:
         emit("molecules/s", setting, a.num / seconds, "molecules/s")
         quality = evaluate_molecules(mols)
         for key in QUALITY:
-            emit(key, setting, float(quality[key]), "fraction")
+            if quality[key] is not None:  # None: undefined (e.g. uniqueness with no valid molecule)
+                emit(key, setting, float(quality[key]), "fraction")
 
 
 if __name__ == "__main__":

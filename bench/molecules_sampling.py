@@ -93,7 +93,8 @@ def sample_quality(model: LoadedModel, num: int, sampler: str, steps: int, *, ba
 def emit_quality(result: dict[str, Any], setting: dict) -> None:
     """The quality lines of one ``sample_quality`` result."""
     for key in QUALITY:
-        emit(key, setting, float(result[key]), "fraction")
+        if result[key] is not None:  # None: undefined (e.g. uniqueness with no valid molecule)
+            emit(key, setting, float(result[key]), "fraction")
 
 
 def main() -> None:

@@ -242,15 +242,18 @@ def molecule_smiles(mols: Sequence[MoleculeLike]) -> list[str | None]:
     return _smiles_from_batch(batch_bonds(mols))
 
 
-def _ratio(num: int, den: int) -> float:
-    """num / den, NaN when den is zero."""
-    return num / den if den else float("nan")
+def _ratio(num: int, den: int) -> float | None:
+    """num / den; None (undefined, JSON null) when den is zero, e.g. uniqueness when no molecule is valid."""
+    return num / den if den else None
 
 
 def evaluate_molecules(
     mols: Sequence[MoleculeLike], train_smiles: Iterable[str] | None = None
-) -> dict[str, float | int]:
-    """EDM metrics: atom/molecule stability, RDKit validity, uniqueness, valid x unique, novelty (Hoogeboom et al. 2022)."""
+) -> dict[str, float | int | None]:
+    """EDM metrics: atom/molecule stability, RDKit validity, uniqueness, valid x unique, novelty (Hoogeboom et al. 2022).
+
+    A ratio whose denominator is zero is None, never NaN: uniqueness without valid molecules, novelty without
+    unique ones, every ratio for an empty list, atom stability without atoms."""
     t0 = time.perf_counter()
     bonds = batch_bonds(mols)
     atom_stable, mol_stable = _stability(bonds)
@@ -258,7 +261,7 @@ def evaluate_molecules(
     valid = [s for s in smiles if s is not None]
     unique = set(valid)
     n = len(mols)
-    result: dict[str, float | int] = {
+    result: dict[str, float | int | None] = {
         "atom_stability": _ratio(int(atom_stable.sum()), len(atom_stable)),
         "mol_stability": _ratio(int(mol_stable.sum()), n),
         "validity": _ratio(len(valid), n),

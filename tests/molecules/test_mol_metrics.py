@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -142,6 +143,20 @@ def test_validity_fragments_uniqueness_novelty() -> None:
     assert empty["validity"] == 0.0 and empty["mol_stability"] == 0.0
     # EDM stability ignores connectivity: methane + distant water is "stable"; only the pentavalent C is not.
     assert r["mol_stability"] == pytest.approx(4 / 5) and r["num_stable_molecules"] == 4
+
+
+def test_undefined_ratios_are_none_not_nan() -> None:
+    five_h = [[1.09, 0, 0], [-1.09, 0, 0], [0, 1.09, 0], [0, -1.09, 0], [0, 0, 1.09]]
+    pentavalent = (np.array([[0.0, 0, 0], *five_h]), ["C"] + ["H"] * 5)
+    r = evaluate_molecules([pentavalent, pentavalent], train_smiles={"C"})
+    assert r["validity"] == 0.0 and r["num_valid"] == 0
+    assert r["uniqueness"] is None and r["novelty"] is None  # no valid (unique) molecule: undefined
+    assert r["valid_x_unique"] == 0.0
+    json.dumps(r, allow_nan=False)  # strict JSON: null, never NaN
+    nothing = evaluate_molecules([])
+    assert {k: nothing[k] for k in ("atom_stability", "mol_stability", "validity", "uniqueness", "valid_x_unique")} \
+        == dict.fromkeys(("atom_stability", "mol_stability", "validity", "uniqueness", "valid_x_unique"))
+    json.dumps(nothing, allow_nan=False)
 
 
 def test_input_forms_agree(qm9: QM9) -> None:
