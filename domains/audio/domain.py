@@ -539,7 +539,14 @@ class AudioDomain(Domain):
             files, meta = [path], {}
         else:
             meta_path = path / LABELS_FILE
-            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+            meta = {}
+            if meta_path.is_file():
+                try:
+                    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    raise ValueError(f"{meta_path}: not the JSON written by `multidiff sample audio` ({err})") from err
+                if not isinstance(meta, dict):
+                    raise ValueError(f"{meta_path}: expected a JSON object (written by `multidiff sample audio`)")
             if meta.get("samples"):
                 files = [path / r["file"] for r in meta["samples"]]
             else:

@@ -279,3 +279,15 @@ def test_judge_is_not_used_for_classes_it_does_not_know(odd_run: Path, tmp_path:
     assert metrics["count"] == 2.0 and metrics["rms"] > 0.0  # the classifier-free statistics are still there
     again = cli("evaluate", "audio", str(out))
     assert last_json(again) == metrics and "AudioMetricsWarning" in again.stderr
+
+
+def test_evaluate_names_bad_wavs_and_labels_json(tmp_path: Path) -> None:
+    dom = AudioDomain()
+    x = np.full(SR, 0.1, dtype=np.float32)
+    x[5] = np.inf
+    sf.write(tmp_path / "sample_000_label1.wav", x, SR, subtype="FLOAT")
+    with pytest.raises(ValueError, match=r"sample_000_label1\.wav: 1 of 16000 samples are NaN or infinite"):
+        dom.evaluate(tmp_path)
+    (tmp_path / "labels.json").write_bytes(b"\xff\x00 not json")
+    with pytest.raises(ValueError, match=r"labels\.json: not the JSON written by `multidiff sample audio`"):
+        dom.evaluate(tmp_path)
