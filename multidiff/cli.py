@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from .files import dumps_json, write_json
 
 # glibc returns freed large blocks to the OS and re-zeroes them on every training step; keeping them
 # mapped speeds large-tensor torch code up 1.8-3.2x on CPU (see bench/*.py). Opt out: MULTIDIFF_MALLOC=system.
@@ -42,11 +43,14 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 or auto.")]
 def _console():  # rich is imported lazily so `--help` stays fast
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)  # soft_wrap: never break a line (or a path) at the terminal width
 
 
 def _fail(message: str, code: int = 2) -> None:
-    _console().print(f"[bold red]error:[/] {message}", highlight=False)
+    """Print ``error: MESSAGE`` to stderr, unwrapped and without markup, and exit with ``code``."""
+    from rich.text import Text
+
+    _console().print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
     raise typer.Exit(code)
 
 
@@ -63,8 +67,10 @@ def _resolve_device(device: str) -> str:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .files import DirLockedError
 
-    return (ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError, KeyError)
+    return (ConfigError, CheckpointError, DirLockedError, ValueError, FileNotFoundError, FileExistsError,
+            PermissionError, KeyError)
 
 
 @app.command()
@@ -105,21 +111,41 @@ def train(
         _fail(str(e))
         return
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"run": str(run_dir), "step": result.step, "loss": result.loss, "stopped": result.stopped,
+        print(dumps_json({"run": str(run_dir), "step": result.step, "loss": result.loss, "stopped": result.stopped,
                           "checkpoint": str(result.checkpoint) if result.checkpoint else None}))
 
 
-def _parse_conditions(items: list[str] | None) -> dict[str, str]:
+def _parse_conditions(items: list[str] | None, label: str | None = None) -> dict[str, str]:
+    """``--condition KEY=VALUE`` items (and ``--label V``, short for label=V) as a dict; malformed items are errors."""
     conditions = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            _fail(f"--condition {item!r}: expected KEY=VALUE (e.g. label=7 or alpha=80)")
+        if not sep or not key.strip():
+            raise ValueError(f"--condition {item!r} is malformed: expected KEY=VALUE (e.g. label=7 or alpha=80)")
         conditions[key.strip()] = value.strip()
+    if label is not None:
+        if "label" in conditions:
+            raise ValueError(f"--label {label!r} and --condition label={conditions['label']}: give the label once")
+        conditions["label"] = label.strip()
     return conditions
 
 
+def _earlier_outputs(dom, out: Path, overwrite: bool) -> list[Path]:
+    """``--out`` must be empty unless ``--overwrite``; returns the earlier outputs of ``dom`` there (its
+    ``output_patterns`` and metrics.json), which ``--overwrite`` replaces."""
+    from .files import LOCK_FILE
+
+    present = sorted(p for p in out.iterdir() if p.name != LOCK_FILE)
+    if present and not overwrite:
+        shown = ", ".join(p.name for p in present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+        raise FileExistsError(f"--out {out} is not empty ({shown}); pass --overwrite to replace the {dom.name} samples "
+                              f"there, or choose an empty or new directory")
+    patterns = (*dom.output_patterns, METRICS_FILE)
+    return [p for p in present if p.is_file() and any(p.match(pattern) for pattern in patterns)]
+
+
 SAMPLE_OVERRIDABLE = ("data", "sample")
+METRICS_FILE = "metrics.json"
 
 
 def _override_loaded(cfg, overrides: list[str] | None, source: str):
@@ -146,15 +172,17 @@ def sample(
     grid: Annotated[Optional[str], typer.Option(help="Step grid: uniform, logsnr or karras.")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (1 = plain conditional); applied for t in sample.guidance_interval when the recipe sets one.")] = None,
     gradient_scale: Annotated[float, typer.Option(help="Gradient guidance toward the --condition targets through the domain's predictor (molecules: data.predictor); 0 = off.")] = 0.0,
-    condition: Annotated[Optional[list[str]], typer.Option("--condition", "--label", help="KEY=VALUE condition (repeatable); --label 7 is label=7.")] = None,
+    condition: Annotated[Optional[list[str]], typer.Option("--condition", help="KEY=VALUE condition (repeatable).")] = None,
+    label: Annotated[Optional[str], typer.Option("--label", help="Short for --condition label=VALUE (an index or a class name).")] = None,
     inpaint: Annotated[Optional[Path], typer.Option(help="A file whose known part is kept (audio WAV, molecule SDF/XYZ fragment).")] = None,
     mask: Annotated[Optional[str], typer.Option(help="Span to regenerate for --inpaint, e.g. 0.3:0.5 (seconds).")] = None,
-    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("samples"),
+    out: Annotated[Path, typer.Option(help="Output directory (must be empty, see --overwrite).")] = Path("samples"),
+    overwrite: Annotated[bool, typer.Option(help="Sample into a non-empty --out: first delete the domain's earlier sample files and metrics.json there (other files stay).")] = False,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same samples on CPU).")] = 0,
     device: DeviceOpt = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Sample DOMAIN from a checkpoint; writes the domain's files and metrics.json into --out.
+    """Sample DOMAIN from a checkpoint; writes the domain's files and metrics.json into --out (empty, or --overwrite).
 
     Examples: `multidiff sample toy --checkpoint runs/toy --num 1000 --condition label=3`;
     `multidiff sample audio --label 7 --num 16 --steps 50 --guidance 2`;
@@ -163,19 +191,23 @@ def sample(
     import torch
 
     from . import pipeline
+    from .files import DirLock, check_writable_dir
     from .registry import Domain, get_domain
 
+    lock = DirLock(out, "multidiff sample")
     try:
         dev = _resolve_device(device)
         dom = get_domain(domain)
+        conditions = _parse_conditions(condition, label)
+        check_writable_dir(out, "--out")  # before any work, not after all the sampling
+        lock.acquire()  # a second `multidiff sample --out` here stops at once, naming this process
+        earlier = _earlier_outputs(dom, out, overwrite)
         ckpt = checkpoint if checkpoint is not None else _shipped_checkpoint(domain)
         model = pipeline.load_model(ckpt, device=dev)
         if model.domain.name != domain:
             _fail(f"{ckpt}: this checkpoint is for domain {model.domain.name!r}, not {domain!r}")
         model.cfg = _override_loaded(model.cfg, overrides, f"{model.path} (embedded config)")
         scfg = model.cfg.sample
-        items = [c if "=" in c else f"label={c}" for c in (condition or [])]
-        conditions = _parse_conditions(items)
         n = num if num is not None else scfg.num
         if n < 1:
             raise ValueError(f"--num must be >= 1, got {n}")
@@ -194,14 +226,17 @@ def sample(
                                       generator=g, callback=step_cb)
                 parts.append(dom.decode(x, request))
         samples = parts[0] if len(parts) == 1 else dom.merge(parts)
-        out.mkdir(parents=True, exist_ok=True)
+        for path in earlier:  # --overwrite: the earlier run's files go only now that the new samples exist
+            path.unlink(missing_ok=True)
         files = dom.write(samples, out)
         metrics = dom.evaluate(out, model.cfg)
-        pipeline.write_metrics(metrics, out / "metrics.json")
+        write_json(out / METRICS_FILE, metrics)
     except _user_errors() as e:
         _fail(str(e))
         return
-    print(json.dumps({"out": str(out), "files": [str(f) for f in files] + [str(out / "metrics.json")], "metrics": metrics}, default=float))
+    finally:
+        lock.release()
+    print(dumps_json({"out": str(out), "files": [str(f) for f in files] + [str(out / METRICS_FILE)], "metrics": metrics}))
 
 
 def _shipped_checkpoint(domain: str) -> Path:
@@ -261,11 +296,11 @@ def evaluate(
             raise FileNotFoundError(f"{path}: no such file or directory")
         metrics = dom.evaluate(path, cfg)
         if out is not None:
-            pipeline.write_metrics(metrics, out)
+            write_json(out, metrics)
     except _user_errors() as e:
         _fail(str(e))
         return
-    print(json.dumps(metrics, default=float))
+    print(dumps_json(metrics))
 
 
 @app.command()
@@ -294,7 +329,7 @@ def export(
     except _user_errors() as e:
         _fail(str(e))
         return
-    print(json.dumps({"out": str(path), "bytes": path.stat().st_size, "step": ckpt.step}))
+    print(dumps_json({"out": str(path), "bytes": path.stat().st_size, "step": ckpt.step}))
 
 
 @app.command()
@@ -313,7 +348,7 @@ def data(
     except _user_errors() as e:
         _fail(str(e))
         return
-    print(json.dumps(summary, default=str))
+    print(dumps_json(summary, fallback=str))
 
 
 @app.command()
@@ -329,7 +364,7 @@ def info() -> None:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = None
-    print(json.dumps({
+    print(dumps_json({
         "domains": available_domains(),
         "schedules": sorted(SCHEDULES),
         "samplers": sorted(SAMPLERS),

@@ -46,6 +46,7 @@ from multidiff.distributed import (
     init_distributed,
     resolve_device,
 )
+from multidiff.files import DirLock, dumps_json
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "NonFiniteLossError", "lr_factor", "seed_everything"]
 
@@ -329,7 +330,7 @@ class _RunLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (flushed, so a kill loses at most the line being written)."""
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(dumps_json(record) + "\n")
         self.file.flush()
         if self.tb is not None and "step" in record:
             for key, value in record.items():
@@ -439,23 +440,23 @@ class Trainer:
         """Train until `cfg.steps` or `cfg.max_minutes`; `resume=True` continues from the newest good checkpoint."""
         env, created = init_distributed(self.device)
         self.env = env
+        lock = DirLock(self.out_dir, "multidiff train") if env.is_main else None  # taken in _choose_checkpoint
         try:
-            return self._fit(resume)
+            return self._fit(resume, lock)
         finally:
+            if lock is not None:
+                lock.release()
             if created:
                 destroy_distributed()
 
-    def _fit(self, resume: bool | Path | str) -> TrainResult:
+    def _fit(self, resume: bool | Path | str, lock: DirLock | None = None) -> TrainResult:
         cfg, env = self.cfg, self.env
         if cfg.batch_size % env.world_size:
             raise ValueError(
                 f"train.batch_size={cfg.batch_size} (the global batch) must be divisible by the "
                 f"number of processes ({env.world_size})"
             )
-        if env.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            ckpt_io.remove_stale_temporaries(self.out_dir)
-        chosen = self._choose_checkpoint(resume)
+        chosen = self._choose_checkpoint(resume, lock)
         start_step, elapsed_before, position = 0, 0.0, {"epoch": 0, "index": 0}
         if chosen is not None:
             start_step, elapsed_before, position = self._load(chosen)
@@ -599,11 +600,16 @@ class Trainer:
 
     # -- checkpoints --
 
-    def _choose_checkpoint(self, resume: bool | Path | str) -> Path | None:
-        """Pick the checkpoint to resume from on rank 0 and share the decision (or the error) with all ranks."""
+    def _choose_checkpoint(self, resume: bool | Path | str, lock: DirLock | None = None) -> Path | None:
+        """On rank 0 lock the run directory (a second writer stops here) and pick the checkpoint to resume from;
+        share the decision (or the error) with all ranks."""
         decision: Path | Exception | None = None
         if self.env.is_main:
             try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                if lock is not None:
+                    lock.acquire()
+                ckpt_io.remove_stale_temporaries(self.out_dir)
                 decision = self._find_resume_checkpoint(resume)
             except Exception as e:  # broadcast so that every rank raises, instead of the others hanging
                 decision = e

@@ -170,7 +170,95 @@ def test_torchrun_two_processes_train_the_toy_domain(toy_run: Path, tmp_path: Pa
     assert len(list(run.glob("log*.jsonl"))) == 1
     metrics = {}
     for name, r in (("ddp", run), ("single", toy_run)):
-        last_json(cli("sample", "toy", "--checkpoint", str(r), "--num", "2000", "--out", str(tmp_path / name), "--no-progress"))
-        metrics[name] = last_json(cli("evaluate", "toy", str(tmp_path / name)))
+        out = tmp_path / f"samples_{name}"  # not the run directory itself: sample refuses a non-empty --out
+        last_json(cli("sample", "toy", "--checkpoint", str(r), "--num", "2000", "--out", str(out), "--no-progress"))
+        metrics[name] = last_json(cli("evaluate", "toy", str(out)))
     assert metrics["ddp"]["conditional_accuracy"] > 0.9
     assert abs(metrics["ddp"]["sliced_wasserstein"] - metrics["single"]["sliced_wasserstein"]) < 0.15
+
+
+def test_error_with_a_long_path_is_printed_on_one_line(tmp_path: Path) -> None:
+    """rich must not wrap an error at the terminal width: a path copied from it has to work."""
+    deep = tmp_path
+    while len(str(deep)) < 220:
+        deep = deep / "a_rather_long_directory_name"
+    missing = deep / "missing_checkpoint_dir"
+    p = subprocess.run([sys.executable, "-m", "multidiff.cli", "sample", "toy", "--checkpoint", str(missing),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env={**ENV, "COLUMNS": "80"},
+                       timeout=600)
+    assert p.returncode != 0
+    lines = [line for line in p.stderr.splitlines() if str(missing) in line]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "not found" in lines[0], p.stderr
+
+
+def test_sample_refuses_a_non_empty_out_unless_overwrite(toy_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    args = ["sample", "toy", "--checkpoint", str(toy_run), "--num", "20", "--no-progress", "--out", str(out)]
+    first = last_json(cli(*args, "--seed", "1"))
+    assert {Path(f).name for f in first["files"]} == {"samples.csv", "samples.png", "metrics.json"}
+    from multidiff.toy import ToyDomain
+
+    assert all(any(Path(f).match(pat) for pat in (*ToyDomain.output_patterns, "metrics.json")) for f in first["files"])
+    before = (out / "samples.csv").read_text()
+    p = cli(*args, "--seed", "2")
+    assert p.returncode != 0 and "not empty" in p.stderr and "--overwrite" in p.stderr, p.stderr
+    assert (out / "samples.csv").read_text() == before  # nothing touched
+    (out / "notes.txt").write_text("mine")
+    last_json(cli(*args, "--seed", "2", "--overwrite"))
+    assert (out / "samples.csv").read_text() != before and (out / "notes.txt").read_text() == "mine"
+    assert not (out / ".multidiff.lock").exists()
+
+
+def test_overwrite_clears_the_domains_earlier_files_only(tmp_path: Path) -> None:
+    """Audio: old WAVs must not survive next to new ones; files that are not the domain's stay."""
+    from multidiff.cli import _earlier_outputs
+    from multidiff.registry import get_domain
+
+    names = ["sample_000_label1.wav", "sample_017_label3.wav", "labels.json", "spectrograms.png", "metrics.json",
+             "clip.wav", "notes.txt"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    earlier = {p.name for p in _earlier_outputs(get_domain("audio"), tmp_path, overwrite=True)}
+    assert earlier == {"sample_000_label1.wav", "sample_017_label3.wav", "labels.json", "spectrograms.png", "metrics.json"}
+    with pytest.raises(FileExistsError, match="not empty"):
+        _earlier_outputs(get_domain("audio"), tmp_path, overwrite=False)
+    mol = {p.name for p in _earlier_outputs(get_domain("molecules"), tmp_path, overwrite=True)}
+    assert mol == {"metrics.json"}
+
+
+def test_sample_checks_out_before_any_work(toy_run: Path, tmp_path: Path) -> None:
+    """An --out that cannot hold files fails at once (not after sampling) and names the directory."""
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for bad in (a_file / "sub", a_file):
+        p = cli("sample", "toy", "--checkpoint", str(toy_run), "--num", "20", "--out", str(bad), "--no-progress")
+        assert p.returncode != 0 and f"--out {bad} is not writable" in p.stderr, p.stderr
+
+
+def test_zero_sizes_stop_before_any_work(tmp_path: Path) -> None:
+    for override in ("model.hidden=0", "model.layers=-1", "data.components=0", "data.num_train=0", "sample.steps=0"):
+        p = cli("train", "toy", override, "--out", str(tmp_path / "x"), "--steps", "5", "--no-progress")
+        assert p.returncode != 0 and f"command-line override '{override}'" in p.stderr and ">= 1" in p.stderr, p.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_condition_errors_say_what_is_wrong(toy_run: Path, tmp_path: Path) -> None:
+    base = ["sample", "toy", "--checkpoint", str(toy_run), "--num", "4", "--out", str(tmp_path / "o"), "--no-progress"]
+    p = cli(*base, "--condition", "noequals")
+    assert p.returncode != 0 and "--condition 'noequals' is malformed: expected KEY=VALUE" in p.stderr, p.stderr
+    p = cli(*base, "--label", "3", "--condition", "label=4")
+    assert p.returncode != 0 and "give the label once" in p.stderr, p.stderr
+    p = cli("train", "toy", "train.lr=-1", "--out", str(tmp_path / "x"))
+    assert p.returncode != 0 and "command-line override 'train.lr=-1'" in p.stderr and "lr must be > 0" in p.stderr
+    assert "default.yaml" not in p.stderr
+
+
+def test_exported_file_carries_a_verified_content_hash(toy_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "toy.safetensors"
+    last_json(cli("export", str(toy_run), str(out)))
+    data = bytearray(out.read_bytes())
+    data[-5] ^= 0x10  # one bit of the last tensor's data
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    p = cli("sample", "toy", "--checkpoint", str(bad), "--num", "4", "--out", str(tmp_path / "o"), "--no-progress")
+    assert p.returncode != 0 and f"{bad}: corrupted" in p.stderr, p.stderr
