@@ -18,6 +18,10 @@ Training options of the ``Denoiser`` (each one recipe key in ``diffusion``):
 - ``coupling``: a callable ``(x0, noise, space) -> noise`` that pairs each noise draw with its data item before the
   interpolation (e.g. the molecules' equivariant optimal-transport alignment, Klein et al. 2023); it must leave the
   noise distribution unchanged (a permutation / rotation of an isotropic draw).
+- categorical parts (``multidiff.spaces.Categorical`` inside the batch's space): corrupted to uniform classes instead
+  of Gaussian noise, fed to the backbone unscaled, its output read as logits (denoised = softmax probabilities),
+  trained with cross-entropy times ``categorical_weight`` beside the weighted MSE of the continuous parts
+  (per-part weights as in MiDi / FlowMol); see ``multidiff.categorical``.
 - ``self_condition``: probability p of self-conditioning (Chen et al. 2022, "Analog Bits"): with probability p a batch
   first runs the model without gradient and feeds that x0 estimate back as ``backbone(..., self_cond=denoised)``;
   sampling feeds each step's previous estimate (see ``SelfConditioning``).
@@ -37,6 +41,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor, nn
 
+from .categorical import corrupt, cross_entropy, kappa, rows_of
 from .guidance import drop_conditions
 from .schedules import Schedule, append_dims, get_schedule
 from .spaces import Euclidean, Space
@@ -86,6 +91,7 @@ class DiffusionConfig:
     cond_drop: float = 0.1
     coupling: str | None = None  # a domain's noise <-> data coupling (molecules: equivariant_ot)
     self_condition: float = 0.0  # probability of a self-conditioned training batch (0: off)
+    categorical_weight: float = 1.0  # weight of a categorical part's cross-entropy beside the continuous loss
 
     def build_schedule(self) -> Schedule:
         """The configured schedule."""
@@ -188,6 +194,7 @@ class Denoiser(nn.Module):
         beta_b: float = 2.0,
         coupling: Coupling | None = None,
         self_condition: float = 0.0,
+        categorical_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if target not in TARGETS:
@@ -206,6 +213,8 @@ class Denoiser(nn.Module):
             raise ValueError(f"self_condition={self_condition}: the backbone {type(backbone).__name__} cannot take a "
                              f"self-conditioning input (it does not set supports_self_conditioning; build it with "
                              f"self-conditioning enabled, e.g. the domain's model option)")
+        if not (categorical_weight >= 0 and math.isfinite(categorical_weight)):
+            raise ValueError(f"categorical_weight: expected a finite weight >= 0, got {categorical_weight}")
         if coupling is not None and not callable(coupling):
             raise TypeError(f"coupling: expected a callable (x0, noise, space) -> noise, got {type(coupling).__name__}")
         if not 0.0 <= cond_drop <= 1.0:
@@ -229,6 +238,7 @@ class Denoiser(nn.Module):
         self.cond_drop = cond_drop
         self.coupling = coupling
         self.self_condition = self_condition
+        self.categorical_weight = categorical_weight
 
     @classmethod
     def from_config(cls, backbone: nn.Module, cfg: DiffusionConfig, coupling: Coupling | None = None) -> "Denoiser":
@@ -253,6 +263,7 @@ class Denoiser(nn.Module):
             beta_b=cfg.beta_b,
             coupling=coupling,
             self_condition=cfg.self_condition,
+            categorical_weight=cfg.categorical_weight,
         )
 
     # --- preconditioning -------------------------------------------------------------------------
@@ -280,6 +291,12 @@ class Denoiser(nn.Module):
         self, x: Tensor, t: Tensor | float, cond: dict[str, Tensor] | None = None, *, space: Space | None = None, **kwargs: Any
     ) -> Tensor:
         """The x0 estimate D(x_t, t) in fp32; ``space`` maps per-sample t to rows (graph batches)."""
+        return self._denoise(x, t, cond, space, **kwargs)[0]
+
+    def _denoise(
+        self, x: Tensor, t: Tensor | float, cond: dict[str, Tensor] | None, space: Space | None, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """(denoised, raw backbone output). Categorical parts enter unscaled and leave as softmax probabilities."""
         num = space.num_samples if space is not None and space.num_samples is not None else x.shape[0]
         t = self._per_sample(t, num, x.device)
         alpha, sigma, logsnr = self._coefficients(t)
@@ -289,7 +306,11 @@ class Denoiser(nn.Module):
         x64 = x.to(torch.float64)
         c_in = r2.rsqrt()
         c_noise = (-logsnr.clamp(-LOGSNR_LIMIT, LOGSNR_LIMIT) / 8).to(torch.float32)  # EDM: ln(sigma_ve) / 4
-        out = self.backbone((c_in * x64).to(torch.float32), c_noise, cond, **kwargs).to(torch.float64)
+        x_in = c_in * x64
+        discrete = space.discrete_parts() if space is not None else []
+        for sl, _ in discrete:
+            x_in[..., sl] = x64[..., sl]
+        out = self.backbone(x_in.to(torch.float32), c_noise, cond, **kwargs).to(torch.float64)
         if self.target == "eps":
             d = (x64 - s * out) / a
         elif self.target == "x0":
@@ -299,7 +320,11 @@ class Denoiser(nn.Module):
             d = (ds * x64 - s * out) / (a * ds - s * da)
         else:
             d = (sd**2 * a / r2) * x64 - (s * sd / r2.sqrt()) * out
-        return d.to(torch.float32) if x.dtype != torch.float64 else d
+        if discrete:
+            d = d.clone()
+            for sl, _ in discrete:
+                d[..., sl] = torch.softmax(out[..., sl], dim=-1)
+        return (d.to(torch.float32) if x.dtype != torch.float64 else d), out
 
     def bind(self, cond: dict[str, Tensor] | None = None, *, space: Space | None = None, **kwargs: Any):
         """A sampler-ready ``denoise(x, t)`` with conditions and backbone kwargs fixed."""
@@ -354,6 +379,12 @@ class Denoiser(nn.Module):
         alpha, sigma, logsnr = self._coefficients(t)
         a, s = self._expand(alpha, x0, space), self._expand(sigma, x0, space)
         x_t = (a * x0 + s * noise).to(x0.dtype)
+        discrete = space.discrete_parts()
+        if discrete:
+            x_t = x_t.clone()
+            k_rows = rows_of(kappa(self.schedule, t), space, x0)
+            for sl, part in discrete:
+                x_t[..., sl] = corrupt(x0[..., sl], noise[..., sl], k_rows, generator, part.batch)
         if cond is not None and self.cond_drop > 0:
             cond = drop_conditions(cond, self.cond_drop, num, generator=generator)
         if self.self_condition > 0:
@@ -363,10 +394,14 @@ class Denoiser(nn.Module):
                 with torch.no_grad():
                     prev = self.forward(x_t, t, cond, space=space, self_cond=None, **kwargs).detach()
             kwargs = {**kwargs, "self_cond": prev}
-        d = self.forward(x_t, t, cond, space=space, **kwargs).to(torch.float64)
+        d, out = self._denoise(x_t, t, cond, space, **kwargs)
         x0_64 = x0.to(torch.float64)
         w = _snr_weight(self.weighting, logsnr, self.sigma_data, self.min_snr_gamma)
-        per_sample = (w * space.mean_per_sample((d - x0_64) ** 2)).to(torch.float32)
+        per_sample = w * space.continuous_mean_per_sample((d.to(torch.float64) - x0_64) ** 2)
+        for sl, part in discrete:
+            ce = cross_entropy(out[..., sl], x0_64[..., sl]).unsqueeze(-1)
+            per_sample = per_sample + self.categorical_weight * part.mean_per_sample(ce)
+        per_sample = per_sample.to(torch.float32)
         return per_sample.mean() if reduce else per_sample
 
     def extra_repr(self) -> str:

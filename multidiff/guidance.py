@@ -184,12 +184,16 @@ class Inpaint:
             raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to known {tuple(known.shape)}") from None
         self.denoise, self.known, self.mask, self.schedule = denoise, known, mask, schedule
         self.noise = space.randn_like(known, generator)
+        self.discrete = space.discrete_parts()
 
     def noisy_known(self, t: Tensor) -> Tensor:
-        """alpha(t) known + sigma(t) n."""
+        """alpha(t) known + sigma(t) n (categorical parts: the known classes themselves)."""
         t64 = torch.as_tensor(t, dtype=torch.float64)
         a, s = float(self.schedule.alpha(t64)), float(self.schedule.sigma(t64))
-        return a * self.known + s * self.noise
+        out = a * self.known + s * self.noise
+        for sl, _ in self.discrete:
+            out[..., sl] = self.known[..., sl]
+        return out
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         x = torch.where(self.mask, self.noisy_known(t).to(x.dtype), x)

@@ -5,6 +5,8 @@
 ``schedule`` (see ``multidiff.schedules.make_grid``). Updates are written in the native (alpha, sigma)
 coordinates through ratios, so they stay finite where alpha(t) = 0 (the flow schedule at t = 1).
 Nothing survives a call: no step counters, no solver history (cf. diffusers #6631, #8711).
+Categorical parts of the space (``multidiff.spaces.Categorical``) take the discrete jump of ``multidiff.categorical``
+in every sampler instead of the continuous update; the continuous parts are untouched by it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from .categorical import jump, kappa
 from .schedules import Schedule, get_schedule, make_grid
 from .spaces import Euclidean, Space
 
@@ -98,6 +101,8 @@ class _Run:
         self.sigma = schedule.sigma(ts).tolist()
         self.schedule = schedule
         self.steps = ts.numel() - 1
+        self.discrete = self.space.discrete_parts()
+        self.kappa = kappa(schedule, ts).tolist() if self.discrete else []
 
     def t(self, i: int) -> Tensor:
         return self.ts[i].clone()
@@ -119,6 +124,24 @@ class _Run:
 
     def noise(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return self.space.randn_like(x, generator)
+
+    def advance(self, x_new: Tensor, x: Tensor, d: Tensor, i: int, generator: torch.Generator | None) -> Tensor:
+        """Categorical parts of ``x_new`` replaced by the discrete jump from ``x`` at grid point i to i + 1."""
+        if not self.discrete:
+            return x_new
+        x_new = x_new.clone()
+        for sl, part in self.discrete:
+            x_new[..., sl] = jump(x[..., sl], d[..., sl], self.kappa[i], self.kappa[i + 1], generator, part.batch)
+        return x_new
+
+    def keep_discrete(self, x_new: Tensor, source: Tensor) -> Tensor:
+        """Categorical parts of ``x_new`` copied from ``source`` (after a continuous-only correction or churn)."""
+        if not self.discrete:
+            return x_new
+        x_new = x_new.clone()
+        for sl, _ in self.discrete:
+            x_new[..., sl] = source[..., sl]
+        return x_new
 
 
 def _ddim_coefficients(a_t: float, s_t: float, a_s: float, s_s: float, eta: float) -> tuple[float, float]:
@@ -153,9 +176,10 @@ def sample_ddim(
         d = run.denoise(x, run.t(i), i)
         eps = run.eps(x, d, i)
         w_eps, c = _ddim_coefficients(run.alpha[i], run.sigma[i], run.alpha[i + 1], run.sigma[i + 1], eta)
-        x = run.alpha[i + 1] * d + w_eps * eps
+        x_new = run.alpha[i + 1] * d + w_eps * eps
         if c > 0:
-            x = x + c * run.noise(x, generator)
+            x_new = x_new + c * run.noise(x_new, generator)
+        x = run.advance(x_new, x, d, i, generator)
         _emit(callback, run, i, x, d)
     return x
 
@@ -191,7 +215,7 @@ def sample_euler(
     for i in range(run.steps):
         d = run.denoise(x, run.t(i), i)
         dt = float(run.ts[i + 1] - run.ts[i])
-        x = x + dt * (da[i] * d + ds[i] * run.eps(x, d, i))
+        x = run.advance(x + dt * (da[i] * d + ds[i] * run.eps(x, d, i)), x, d, i, generator)
         _emit(callback, run, i, x, d)
     return x
 
@@ -222,9 +246,10 @@ def sample_euler_maruyama(
         eps = run.eps(x, d, i)
         dt = float(run.ts[i + 1] - run.ts[i])  # negative
         # reverse drift = probability-flow drift - (g^2/2) score, score = -eps/sigma
-        x = x + dt * (da[i] * d + ds[i] * eps + 0.5 * g2 * eps / s)
+        x_new = x + dt * (da[i] * d + ds[i] * eps + 0.5 * g2 * eps / s)
         if i < run.steps - 1:
-            x = x + math.sqrt(max(g2, 0.0) * -dt) * run.noise(x, generator)
+            x_new = x_new + math.sqrt(max(g2, 0.0) * -dt) * run.noise(x_new, generator)
+        x = run.advance(x_new, x, d, i, generator)
         _emit(callback, run, i, x, d)
     return x
 
@@ -259,15 +284,15 @@ def sample_heun(
             t = schedule.t_from_sigma_ve(torch.tensor(sve_hat, dtype=torch.float64)).clamp(0.0, 1.0)
             a_hat = float(schedule.alpha(t))
             z = x / a_t + math.sqrt(max(sve_hat**2 - sve**2, 0.0)) * noise_scale * run.noise(x, generator)
-            x, a_t, s_t, sve = a_hat * z, a_hat, a_hat * sve_hat, sve_hat
+            x, a_t, s_t, sve = run.keep_discrete(a_hat * z, x), a_hat, a_hat * sve_hat, sve_hat
         d = run.denoise(x, t, i)
         eps = (x - a_t * d) / s_t
-        x_next = a_s * d + s_s * eps  # Euler step in sigma_ve, written in native coordinates
+        x_next = run.advance(a_s * d + s_s * eps, x, d, i, generator)  # Euler step in sigma_ve, native coordinates
         if s_s > 0 and math.isfinite(sve):
             d2 = run.denoise(x_next, run.t(i + 1), i)
             eps2 = (x_next - a_s * d2) / s_s
             # trapezoid: z_s = z + (sve_s - sve) (eps + eps2) / 2, i.e. Euler plus a_s (sve_s - sve)(eps2 - eps) / 2
-            x_next = x_next + 0.5 * (s_s - a_s * sve) * (eps2 - eps)
+            x_next = run.keep_discrete(x_next + 0.5 * (s_s - a_s * sve) * (eps2 - eps), x_next)
         x = x_next
         _emit(callback, run, i, x, d)
     return x
@@ -298,7 +323,7 @@ def sample_dpmpp_2m(
             r = h_prev / h
             d_corr = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * d_prev
         # x_s = (sigma_s/sigma_t) x_t - alpha_s (exp(-h) - 1) d_corr, with alpha_s exp(-h) = sigma_s alpha_t / sigma_t
-        x = (s_s / s_t) * x + (a_s - s_s * a_t / s_t) * d_corr
+        x = run.advance((s_s / s_t) * x + (a_s - s_s * a_t / s_t) * d_corr, x, d, i, generator)
         d_prev, h_prev = d, h
         _emit(callback, run, i, x, d)
     return x
@@ -331,10 +356,15 @@ def nfe(sampler: str, steps: int) -> int:
 def prior(
     schedule: Schedule, t: float | Tensor, like: Tensor, space: Space | None = None, generator: torch.Generator | None = None
 ) -> Tensor:
-    """x_T ~ N(0, sigma(t)^2 I) on the space: the terminal distribution when alpha(t) x0 is negligible."""
+    """x_T ~ N(0, sigma(t)^2 I) on the space (uniform classes for categorical parts): the terminal distribution when
+    alpha(t) x0 is negligible."""
     space = space if space is not None else Euclidean()
     s = float(schedule.sigma(torch.as_tensor(t, dtype=torch.float64)))
-    return s * space.randn_like(like, generator)
+    noise = space.randn_like(like, generator)
+    x = s * noise
+    for sl, _ in space.discrete_parts():  # categorical parts start from uniformly random classes, unscaled
+        x[..., sl] = noise[..., sl]
+    return x
 
 
 def sample(

@@ -241,3 +241,82 @@ def test_self_conditioning_needs_a_backbone_that_takes_it() -> None:
     with pytest.raises(ValueError, match="self_condition"):
         Denoiser(SelfCondBackbone(), "flow", self_condition=1.5)
 
+
+
+# --- categorical parts ----------------------------------------------------------------------------------------------
+
+PI = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+
+
+def _categorical_oracle(schedule):
+    """Exact posterior p(x0 = j | x_t = c) ∝ pi_j ((1 - kappa) [j = c] + kappa / K) of independent rows (Bayes)."""
+
+    def denoise(x: Tensor, t: Tensor) -> Tensor:
+        t64 = torch.as_tensor(t, dtype=torch.float64)
+        k = float(schedule.sigma(t64) / (schedule.alpha(t64) + schedule.sigma(t64)))
+        post = PI * ((1 - k) * x.to(torch.float64) + k / len(PI))
+        return (post / post.sum(-1, keepdim=True)).to(x.dtype)
+
+    return denoise
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_categorical_part_sampled_with_the_exact_posterior_follows_the_data_law(name: str) -> None:
+    from multidiff.spaces import Categorical
+
+    space = Categorical(3)
+    g = torch.Generator().manual_seed(0)
+    ts = make_grid(FLOW, 30, "karras")
+    x = prior(FLOW, ts[0], torch.zeros(20000, 3, dtype=torch.float64), space, g)
+    assert torch.equal(x.sum(-1), torch.ones(20000, dtype=torch.float64))  # one-hot, unscaled
+    out = get_sampler(name)(_categorical_oracle(FLOW), x, ts, FLOW, space, generator=g)
+    assert set(out.unique().tolist()) <= {0.0, 1.0} and torch.equal(out.sum(-1), torch.ones(20000, dtype=torch.float64))
+    freq = out.mean(0)
+    assert torch.allclose(freq, PI, atol=0.015), freq
+
+
+def test_categorical_part_beside_a_continuous_part() -> None:
+    """Product(Euclidean x Categorical): the continuous columns follow the mixture, the categorical ones pi."""
+    from multidiff.spaces import Categorical, Euclidean, Product
+
+    space = Product([(slice(0, 2), Euclidean()), (slice(2, 5), Categorical(3))])
+    cat = _categorical_oracle(FLOW)
+    denoise = lambda x, t: torch.cat([MIX.denoiser(FLOW)(x[:, :2], t), cat(x[:, 2:], t)], -1)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    ts = make_grid(FLOW, 30, "karras")
+    x = prior(FLOW, ts[0], torch.zeros(4000, 5, dtype=torch.float64), space, g)
+    out = get_sampler("heun")(denoise, x, ts, FLOW, space, generator=g)
+    assert abs(float((out[:, 0] > 0).double().mean()) - 0.5) < 0.05
+    assert torch.allclose(out[:, 2:].mean(0), PI, atol=0.03)
+
+
+def test_categorical_loss_is_weighted_cross_entropy_and_input_is_unscaled() -> None:
+    from multidiff.spaces import Categorical, Euclidean, Product
+
+    logits = torch.tensor([2.0, -1.0, 0.5])
+
+    class Fixed(nn.Module):
+        def forward(self, x_in: Tensor, c_noise: Tensor, cond: dict | None = None) -> Tensor:
+            self.x_in = x_in
+            return torch.cat([torch.zeros(x_in.shape[0], 2), logits.expand(x_in.shape[0], 3)], -1)
+
+    space = Product([(slice(0, 2), Euclidean()), (slice(2, 5), Categorical(3))])
+    x0 = torch.cat([torch.zeros(6, 2), torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float()], -1)
+    backbone = Fixed()
+    ce_true = -torch.log_softmax(logits.double(), -1)[[0, 1, 2, 0, 1, 2]].mean()
+    for weight in (0.0, 0.4):
+        den = Denoiser(backbone, "flow", target="x0", categorical_weight=weight)
+        loss = den.loss(x0, space=space)  # continuous part exact (zeros), so the loss is the weighted CE alone
+        assert float(loss) == pytest.approx(weight * float(ce_true), rel=1e-5)
+        assert set(backbone.x_in[:, 2:].unique().tolist()) <= {0.0, 1.0}  # one-hot, not scaled by c_in
+
+
+def test_categorical_bad_input() -> None:
+    from multidiff.spaces import Categorical
+
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        Categorical(1)
+    with pytest.raises(ValueError, match="3 one-hot columns"):
+        Categorical(3).check(torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="categorical_weight"):
+        Denoiser(nn.Identity(), "flow", categorical_weight=-1.0)
