@@ -352,6 +352,49 @@ def data(
 
 
 @app.command()
+def serve(
+    checkpoint: Annotated[Optional[list[str]], typer.Option(help="DOMAIN=PATH (repeatable); default: the shipped audio and molecules checkpoints.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Most samples in one sampler call (1 = no batching).")] = 16,
+    max_wait_ms: Annotated[float, typer.Option(help="How long the oldest waiting sample waits for batch-mates.")] = 20.0,
+    max_queue: Annotated[int, typer.Option(help="Most samples waiting; more answers 429 with Retry-After.")] = 256,
+    max_num: Annotated[int, typer.Option(help="Most samples per request.")] = 64,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest inpainting upload.")] = 5.0,
+    exact: Annotated[bool, typer.Option(help="Pad every sampler call to --max-batch samples: a sample is bit-identical alone or batched (costs a full batch at low load).")] = False,
+    device: DeviceOpt = "auto",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve checkpoints over HTTP: POST /v1/DOMAIN/samples (JSON or streamed events), a web page at /, /metrics.
+
+    Example: `multidiff serve --checkpoint audio=runs/audio --port 8000 --max-batch 16 --max-wait-ms 20`, then
+    `curl -s localhost:8000/v1/audio/samples -d '{"label": 7, "num": 2, "steps": 10}'`.
+    """
+    try:
+        from .serve import ServeConfig, run, shipped_checkpoint
+    except ImportError as e:
+        _fail(f"multidiff serve needs fastapi, uvicorn and prometheus_client ({e}); install with pip install -e '.[dev]'")
+        return
+    try:
+        if checkpoint:
+            ckpts = {}
+            for item in checkpoint:
+                name, sep, path = item.partition("=")
+                if not sep or not name or not path:
+                    raise ValueError(f"--checkpoint {item!r}: expected DOMAIN=PATH (e.g. audio=runs/audio)")
+                ckpts[name.strip()] = Path(path.strip())
+        else:
+            ckpts = {d: shipped_checkpoint(d) for d in ("audio", "molecules") if shipped_checkpoint(d).is_file()}
+            if not ckpts:
+                raise FileNotFoundError("no shipped checkpoints found; pass --checkpoint DOMAIN=PATH")
+        config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_num=max_num,
+                             max_upload_bytes=int(max_upload_mb * 2**20), exact=exact)
+        run(ckpts, host=host, port=port, device=_resolve_device(device), config=config, log_level=log_level)
+    except _user_errors() as e:
+        _fail(str(e))
+
+
+@app.command()
 def info() -> None:
     """Registered domains, schedules, samplers, grids and installed versions."""
     from .registry import available_domains

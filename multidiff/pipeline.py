@@ -29,6 +29,15 @@ __all__ = [
     "LoadedModel",
     "load_model",
     "generate",
+    "SamplerSettings",
+    "sampler_settings",
+    "layout",
+    "join_requests",
+    "noise_generators",
+    "generate_batch",
+    "decode",
+    "write_samples",
+    "sample_to_dir",
 ]
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
@@ -185,3 +194,285 @@ def generate(
 def write_metrics(metrics: dict[str, Any], path: Path) -> Path:
     """Metrics as pretty, strict JSON (undefined values are null)."""
     return write_json(path, metrics)
+
+
+# --- one generate path: layout -> generate a batch -> decode -> write (used by `multidiff sample` and the server) ---
+
+NOISE_SEED_OFFSET = 0x9E3779B97F4A7C15 % 2**63  # noise streams never reuse a layout seed's stream
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How samples are drawn; requests with equal settings (and domain) can share one sampler call."""
+
+    sampler: str
+    steps: int
+    grid: str = "karras"
+    guidance: float = 1.0
+    guidance_interval: tuple[float, float] | None = None
+    gradient_scale: float = 0.0
+
+
+def sampler_settings(
+    model: LoadedModel,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    grid: str | None = None,
+    guidance: float | None = None,
+    gradient_scale: float = 0.0,
+) -> SamplerSettings:
+    """The checkpoint's ``sample`` defaults overridden by the given values, validated (errors name the field)."""
+    import math
+
+    from .samplers import SAMPLERS
+    from .schedules import GRIDS
+
+    scfg = model.cfg.sample
+    s = SamplerSettings(
+        sampler=sampler if sampler is not None else scfg.sampler,
+        steps=steps if steps is not None else scfg.steps,
+        grid=grid if grid is not None else scfg.grid,
+        guidance=float(guidance if guidance is not None else scfg.guidance),
+        guidance_interval=tuple(scfg.guidance_interval) if scfg.guidance_interval is not None else None,  # type: ignore[arg-type]
+        gradient_scale=float(gradient_scale),
+    )
+    if s.sampler not in SAMPLERS:
+        raise ValueError(f"sampler: unknown sampler {s.sampler!r}; expected one of {sorted(SAMPLERS)}")
+    if s.grid not in GRIDS:
+        raise ValueError(f"grid: unknown grid {s.grid!r}; expected one of {sorted(GRIDS)}")
+    if isinstance(s.steps, bool) or not isinstance(s.steps, int) or s.steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {s.steps!r}")
+    if not math.isfinite(s.guidance):
+        raise ValueError(f"guidance: expected a finite scale, got {s.guidance}")
+    if not math.isfinite(s.gradient_scale):
+        raise ValueError(f"gradient_scale: expected a finite scale, got {s.gradient_scale}")
+    return s
+
+
+def per_sample_layout(domain: Domain) -> bool:
+    """Whether ``domain`` can decode samples one by one and merge them (``Domain.merge``), so each is laid out alone."""
+    return type(domain).merge is not Domain.merge
+
+
+def num_samples(request: SampleRequest) -> int:
+    """How many samples a request lays out."""
+    n = request.space.num_samples
+    return int(n) if n is not None else int(request.like.shape[0])
+
+
+def layout(
+    model: LoadedModel,
+    num: int,
+    conditions: dict[str, str],
+    *,
+    inpaint: Path | None = None,
+    mask: str | None = None,
+    seed: int = 0,
+) -> list[SampleRequest]:
+    """Lay out ``num`` samples: sample i alone with seed ``seed + i`` (its label, size, drawn properties), so it
+    depends on nothing but its own seed; a domain without ``merge`` gets one request for all ``num``."""
+    if num < 1:
+        raise ValueError(f"num: expected >= 1 samples, got {num}")
+    dom = model.domain
+    if not per_sample_layout(dom):
+        return [dom.request(model.cfg, num, conditions, inpaint, mask, seed)]
+    return [dom.request(model.cfg, 1, conditions, inpaint, mask, seed + i) for i in range(num)]
+
+
+def noise_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One noise generator per sample; sample seed s draws its noise from stream ``s + NOISE_SEED_OFFSET``."""
+    return [torch.Generator(device=device).manual_seed((int(s) + NOISE_SEED_OFFSET) % 2**63) for s in seeds]
+
+
+def _join_values(key: str, values: list[Any], counts: list[int]) -> Any:
+    """Join one meta entry of several requests: per-sample entries (length = the request's samples) are
+    concatenated, shared ones kept when equal; unequal shared entries raise KeyError (dropped by the caller)."""
+    first = values[0]
+    if isinstance(first, Tensor):
+        if all(isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n for v, n in zip(values, counts)):
+            return torch.cat(values)
+        if all(isinstance(v, Tensor) and v.shape == first.shape and torch.equal(v, first) for v in values):
+            return first
+        raise KeyError(key)
+    if isinstance(first, dict):
+        if not all(isinstance(v, dict) and v.keys() == first.keys() for v in values):
+            raise KeyError(key)
+        return {k: _join_values(f"{key}.{k}", [v[k] for v in values], counts) for k in first}
+    if isinstance(first, (list, tuple)):
+        if all(v == first for v in values) and not all(len(v) == n for v, n in zip(values, counts)):
+            return first
+        if all(isinstance(v, (list, tuple)) and len(v) == n for v, n in zip(values, counts)):
+            return [x for v in values for x in v]
+        raise KeyError(key)
+    if all(v == first for v in values):
+        return first
+    raise KeyError(key)
+
+
+def _join_space(spaces: list[Any], counts: list[int], rows: list[int]) -> Any:
+    """One space for several requests' spaces of the same type: graph indices offset, per-node / per-graph
+    tensors concatenated, products joined part by part."""
+    import copy
+
+    from .spaces import Euclidean, Graph, Product
+
+    first = spaces[0]
+    if any(type(s) is not type(first) for s in spaces):
+        raise ValueError(f"cannot join requests laid out in different spaces: {sorted({type(s).__name__ for s in spaces})}")
+    if isinstance(first, Euclidean):
+        return first
+    if isinstance(first, Product):
+        if any([sl for sl, _ in s.parts] != [sl for sl, _ in first.parts] for s in spaces):
+            raise ValueError("cannot join Product spaces with different slices")
+        joined = copy.copy(first)
+        new_parts = [(sl, _join_space([s.parts[k][1] for s in spaces], counts, rows)) for k, (sl, _) in enumerate(first.parts)]
+        for name, value in vars(first).items():  # attributes aliasing a part (e.g. ``positions``) follow it
+            for k, (_, part) in enumerate(first.parts):
+                if value is part:
+                    setattr(joined, name, new_parts[k][1])
+        joined.parts = new_parts
+        return joined
+    if isinstance(first, Graph):
+        joined = copy.copy(first)
+        offsets = torch.tensor([0, *counts[:-1]]).cumsum(0).tolist()
+        for name, value in vars(first).items():
+            if not isinstance(value, Tensor):
+                continue
+            values = [getattr(s, name) for s in spaces]
+            if name == "batch":
+                setattr(joined, name, torch.cat([v + o for v, o in zip(values, offsets)]))
+            elif all(v.ndim > 0 and v.shape[0] in (n, r) for v, n, r in zip(values, counts, rows)):
+                setattr(joined, name, torch.cat(values))
+            else:
+                raise ValueError(f"cannot join {type(first).__name__} spaces: tensor {name!r} is neither per node nor per graph")
+        joined._num_graphs = sum(counts)
+        return joined
+    from .spaces import Space
+
+    joined = copy.copy(first)  # any other space: join the spaces it wraps, keep equal settings
+    for name, value in vars(first).items():
+        values = [vars(s).get(name) for s in spaces]
+        if isinstance(value, Space):
+            setattr(joined, name, _join_space(values, counts, rows))
+        elif isinstance(value, Tensor) or any(v != value for v in values):
+            raise ValueError(f"cannot join {type(first).__name__} spaces: {name!r} differs or is a tensor")
+    return joined
+
+
+def join_requests(requests: Sequence[SampleRequest]) -> SampleRequest:
+    """One request for the samples of several (of one domain and model): rows, conditions, inpainting parts and
+    backbone kwargs concatenated, the graph index ``kwargs['batch']`` offset; each keeps its own conditions."""
+    if len(requests) == 1:
+        return requests[0]
+    counts = [num_samples(r) for r in requests]
+    rows = [int(r.like.shape[0]) for r in requests]
+    first = requests[0]
+    if any((r.cond is None) != (first.cond is None) or (r.cond is not None and r.cond.keys() != first.cond.keys())
+           for r in requests):
+        raise ValueError("cannot join requests with different condition keys")
+    if any((r.known is None) != (first.known is None) for r in requests):
+        raise ValueError("cannot join inpainting requests with plain ones")
+    if any(r.kwargs.keys() != first.kwargs.keys() for r in requests):
+        raise ValueError("cannot join requests with different backbone kwargs")
+    offsets = torch.tensor([0, *counts[:-1]]).cumsum(0).tolist()
+    kwargs: dict[str, Any] = {}
+    for key, value in first.kwargs.items():
+        values = [r.kwargs[key] for r in requests]
+        if key == "batch" and isinstance(value, Tensor):  # the PyG graph index of node rows
+            kwargs[key] = torch.cat([v + o for v, o in zip(values, offsets)])
+        elif isinstance(value, Tensor):
+            kwargs[key] = torch.cat(values)
+        elif all(v == value for v in values):
+            kwargs[key] = value
+        else:
+            raise ValueError(f"cannot join requests whose backbone kwarg {key!r} differs")
+    meta: dict[str, Any] = {}
+    for key in first.meta:
+        if all(key in r.meta for r in requests):
+            try:
+                meta[key] = _join_values(key, [r.meta[key] for r in requests], counts)
+            except KeyError:
+                pass  # request-specific (e.g. an uploaded file): decode uses each request's own meta
+    cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(r, name) for r in requests])  # noqa: E731
+    return SampleRequest(
+        like=torch.cat([r.like for r in requests]),
+        space=_join_space([r.space for r in requests], counts, rows),
+        cond=None if first.cond is None else {k: torch.cat([r.cond[k] for r in requests]) for k in first.cond},  # type: ignore[index]
+        kwargs=kwargs, known=cat("known"), mask=cat("mask"), batched_cfg=all(r.batched_cfg for r in requests), meta=meta,
+    )
+
+
+def generate_batch(
+    model: LoadedModel,
+    requests: Sequence[SampleRequest],
+    seeds: Sequence[int],
+    settings: SamplerSettings,
+    *,
+    pad_to: int | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+) -> list[Tensor]:
+    """Sample several requests in one sampler call, sample k with its own noise stream ``seeds[k]``; returns each
+    request's rows. Layout and noise of a sample depend only on its request and seed; the network's arithmetic
+    can still round differently at another batch size (CPU kernels are chosen by shape), so ``pad_to`` fills the
+    call with copies of the first one-sample request up to that many samples: at one fixed batch size a sample's
+    result is bit-identical whatever its batch-mates."""
+    total = sum(num_samples(r) for r in requests)
+    if len(seeds) != total:
+        raise ValueError(f"seeds: expected one per sample ({total}), got {len(seeds)}")
+    batch, batch_seeds = list(requests), list(seeds)
+    if pad_to is not None and total < pad_to and num_samples(requests[0]) == 1:
+        batch += [requests[0]] * (pad_to - total)
+        batch_seeds += [seeds[0]] * (pad_to - total)
+    device = next(model.denoiser.parameters()).device
+    x = generate(model, join_requests(batch), sampler=settings.sampler, steps=settings.steps, grid=settings.grid,
+                 guidance=settings.guidance, guidance_interval=settings.guidance_interval,
+                 gradient_scale=settings.gradient_scale, generator=noise_generators(batch_seeds, device), callback=callback)
+    return list(x.split([int(r.like.shape[0]) for r in batch]))[: len(requests)]
+
+
+def decode(model: LoadedModel, requests: Sequence[SampleRequest], xs: Sequence[Tensor]) -> Any:
+    """Decode each request's rows with its own request and merge them into one set of samples."""
+    parts = [model.domain.decode(x, r) for x, r in zip(xs, requests)]
+    return parts[0] if len(parts) == 1 else model.domain.merge(parts)
+
+
+def write_samples(model: LoadedModel, samples: Any, out: Path, *, evaluate: bool = True) -> tuple[list[Path], dict[str, Any]]:
+    """Write samples with the domain's writer into ``out``; with ``evaluate`` also its metrics (``metrics.json``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = list(model.domain.write(samples, out))
+    metrics: dict[str, Any] = {}
+    if evaluate:
+        metrics = model.domain.evaluate(out, model.cfg)
+        files.append(write_metrics(metrics, out / "metrics.json"))
+    return files, metrics
+
+
+def sample_to_dir(
+    model: LoadedModel,
+    num: int,
+    conditions: dict[str, str],
+    settings: SamplerSettings,
+    out: Path,
+    *,
+    inpaint: Path | None = None,
+    mask: str | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    callback: Callable[[StepInfo, int], None] | None = None,
+) -> tuple[list[Path], dict[str, Any]]:
+    """``multidiff sample``: lay out ``num`` samples (sample i has seed ``seed + i``), generate them in sampler calls of
+    at most ``batch_size`` samples, decode, write and evaluate; ``callback(info, done_steps)`` reports progress."""
+    requests = layout(model, num, conditions, inpaint=inpaint, mask=mask, seed=seed)
+    size = max(1, batch_size if batch_size is not None else model.cfg.sample.batch_size)
+    xs: list[Tensor] = []
+    k = start = 0
+    for chunk_start in range(0, len(requests), size):
+        chunk = requests[chunk_start : chunk_start + size]
+        n = sum(num_samples(r) for r in chunk)
+        step_cb = None if callback is None else (lambda info, done=k * settings.steps: callback(info, done))
+        xs += generate_batch(model, chunk, range(seed + start, seed + start + n), settings, callback=step_cb)
+        start += n
+        k += 1
+    return write_samples(model, decode(model, requests, xs), out)

@@ -6,17 +6,28 @@
   subspace where each graph's centre of mass is zero (Satorras et al. 2021; Hoogeboom et al. 2022).
 - ``Masked``: a padded batch [B, N, ...] where only ``mask`` entries exist.
 - ``Product``: slices of the last dimension that live in different spaces (positions x features).
+
+``randn_like(x, generator)`` takes one ``torch.Generator`` for the whole batch, or a sequence of them, one per
+sample: then sample i's noise comes from ``generator[i]`` alone, so it does not depend on its batch-mates
+(``Euclidean``, ``Graph``/``ZeroCoM``, ``Masked`` and ``Product`` of these).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["Space", "Euclidean", "Graph", "ZeroCoM", "Masked", "Product"]
+__all__ = ["Space", "Euclidean", "Graph", "ZeroCoM", "Masked", "Product", "Generators"]
+
+# one generator for the batch, one per sample, or None (the global RNG)
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def _per_sample(generator: Generators) -> bool:
+    return isinstance(generator, (list, tuple))
 
 
 class Space(ABC):
@@ -46,11 +57,22 @@ class Space(ABC):
     def check(self, x: Tensor, name: str = "x") -> None:
         """Raise ValueError when ``x`` cannot live in this space."""
 
-    def randn_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Standard normal noise in the space (an isotropic Gaussian on the subspace)."""
+    def randn_like(self, x: Tensor, generator: Generators = None) -> Tensor:
+        """Standard normal noise in the space (an isotropic Gaussian on the subspace); see ``Generators``."""
         self.check(x)
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        if _per_sample(generator):
+            noise = self._randn_per_sample(x, list(generator))  # type: ignore[arg-type]
+        else:
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         return self.project(noise)
+
+    def _randn_per_sample(self, x: Tensor, generators: list[torch.Generator]) -> Tensor:
+        """Unprojected noise shaped like ``x`` whose entries of sample i are drawn from ``generators[i]`` only."""
+        raise NotImplementedError(f"{type(self).__name__}: per-sample noise generators are not supported")
+
+    def _check_generators(self, generators: list[torch.Generator], num: int) -> None:
+        if len(generators) != num:
+            raise ValueError(f"generator: expected one generator per sample ({num}), got {len(generators)}")
 
     def mean_per_sample(self, x: Tensor) -> Tensor:
         """Mean over each sample's entries: [B]."""
@@ -66,6 +88,12 @@ class Euclidean(Space):
 
     def project(self, x: Tensor) -> Tensor:
         return x
+
+    def _randn_per_sample(self, x: Tensor, generators: list[torch.Generator]) -> Tensor:
+        self._check_generators(generators, x.shape[0])
+        if not generators:
+            return torch.empty_like(x)
+        return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in generators])
 
     def check(self, x: Tensor, name: str = "x") -> None:
         if x.ndim < 1:
@@ -111,6 +139,15 @@ class Graph(Space):
 
     def project(self, x: Tensor) -> Tensor:
         return x
+
+    def _randn_per_sample(self, x: Tensor, generators: list[torch.Generator]) -> Tensor:
+        self._check_generators(generators, self._num_graphs)
+        noise = torch.empty_like(x)
+        batch = self.batch.to(x.device)
+        for i, g in enumerate(generators):
+            rows = torch.nonzero(batch == i).squeeze(-1)
+            noise[rows] = torch.randn((rows.numel(),) + x.shape[1:], generator=g, dtype=x.dtype, device=x.device)
+        return noise
 
     def _segment_sum(self, x: Tensor) -> Tensor:
         out = torch.zeros((self._num_graphs,) + x.shape[1:], dtype=x.dtype, device=x.device)
@@ -176,6 +213,15 @@ class Masked(Space):
             x = (x - x.sum(1, keepdim=True) / n) * m
         return x
 
+    def _randn_per_sample(self, x: Tensor, generators: list[torch.Generator]) -> Tensor:
+        self._check_generators(generators, self.mask.shape[0])
+        noise = torch.zeros_like(x)  # padding gets no draws, so a sample's noise ignores the padded length
+        mask = self.mask.to(x.device)
+        for i, g in enumerate(generators):
+            n = int(mask[i].sum())
+            noise[i][mask[i]] = torch.randn((n,) + x.shape[2:], generator=g, dtype=x.dtype, device=x.device)
+        return noise
+
     def sum_per_sample(self, x: Tensor) -> Tensor:
         return (x * self._m(x)).reshape(x.shape[0], -1).sum(1)
 
@@ -224,7 +270,7 @@ class Product(Space):
     def project(self, x: Tensor) -> Tensor:
         return self._map(x, "project")
 
-    def randn_like(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def randn_like(self, x: Tensor, generator: Generators = None) -> Tensor:
         self.check(x)
         return torch.cat([space.randn_like(x[..., sl], generator) for sl, space in self.parts], dim=-1)
 
