@@ -6,6 +6,8 @@
   subspace where each graph's centre of mass is zero (Satorras et al. 2021; Hoogeboom et al. 2022).
 - ``Masked``: a padded batch [B, N, ...] where only ``mask`` entries exist.
 - ``Product``: slices of the last dimension that live in different spaces (positions x features).
+- ``Categorical``: one-hot rows of K classes, a discrete part of the state (atom types, tokens): its "noise" is a
+  uniformly random class, its interpolation a corruption (see ``multidiff.categorical``), not a Gaussian.
 
 ``randn_like(x, generator)`` takes one ``torch.Generator`` for the whole batch, or a sequence of them, one per
 sample: then sample i's noise comes from ``generator[i]`` alone, so it does not depend on its batch-mates
@@ -20,7 +22,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Space", "Euclidean", "Graph", "ZeroCoM", "Masked", "Product", "Generators"]
+__all__ = ["Space", "Euclidean", "Graph", "ZeroCoM", "Masked", "Product", "Categorical", "Generators"]
 
 # one generator for the batch, one per sample, or None (the global RNG)
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
@@ -77,6 +79,14 @@ class Space(ABC):
     def mean_per_sample(self, x: Tensor) -> Tensor:
         """Mean over each sample's entries: [B]."""
         return self.sum_per_sample(x) / self.count_per_sample(x)
+
+    def discrete_parts(self) -> list[tuple[slice, "Categorical"]]:
+        """The categorical parts of the state as (column slice, space); [] for a purely continuous space."""
+        return []
+
+    def continuous_mean_per_sample(self, x: Tensor) -> Tensor:
+        """Mean over each sample's continuous entries: [B] (all entries when there is no categorical part)."""
+        return self.mean_per_sample(x)
 
 
 class Euclidean(Space):
@@ -286,6 +296,81 @@ class Product(Space):
     def dof(self, x: Tensor) -> Tensor:
         return self._total(x, "dof")
 
+    def discrete_parts(self) -> list[tuple[slice, "Categorical"]]:
+        return [(sl, space) for sl, space in self.parts if isinstance(space, Categorical)]
+
+    def continuous_mean_per_sample(self, x: Tensor) -> Tensor:
+        parts = [(sl, space) for sl, space in self.parts if not isinstance(space, Categorical)]
+        if not parts:
+            raise ValueError("Product: no continuous part to average over")
+        total = sum(space.sum_per_sample(x[..., sl]) for sl, space in parts)
+        return total / sum(space.count_per_sample(x[..., sl]) for sl, space in parts)  # type: ignore[return-value]
+
     def __repr__(self) -> str:
         inner = ", ".join(f"[{sl.start}:{sl.stop}] {space!r}" for sl, space in self.parts)
         return f"Product({inner})"
+
+
+class Categorical(Space):
+    """One-hot rows over ``classes`` categories, grouped into samples by ``base`` (e.g. a ``Graph`` of atoms).
+
+    A discrete part of the state (Campbell et al. 2024, discrete flow models): ``randn_like`` draws a uniformly random
+    class per row (the noise of the uniform-corruption interpolation), ``project`` is the identity, and the per-sample
+    reductions are the base space's. ``multidiff.categorical`` holds its interpolation, loss and sampler update.
+    """
+
+    def __init__(self, classes: int, base: Space | None = None) -> None:
+        if classes < 2:
+            raise ValueError(f"Categorical: expected at least 2 classes, got {classes}")
+        self.classes = classes
+        self.base = base if base is not None else Euclidean()
+
+    @property
+    def num_samples(self) -> int | None:
+        return self.base.num_samples
+
+    @property
+    def batch(self) -> Tensor | None:
+        return getattr(self.base, "batch", None)
+
+    def check(self, x: Tensor, name: str = "x") -> None:
+        self.base.check(x, name)
+        if x.shape[-1] != self.classes:
+            raise ValueError(f"{name}: a categorical part of {self.classes} classes needs {self.classes} one-hot "
+                             f"columns, got {x.shape[-1]}")
+
+    def project(self, x: Tensor) -> Tensor:
+        return x
+
+    def randn_like(self, x: Tensor, generator: Generators = None) -> Tensor:
+        self.check(x)
+        rows = x.shape[:-1]
+        if _per_sample(generator):
+            batch = self.batch
+            if batch is None:
+                self._check_generators(list(generator), rows[0])  # type: ignore[arg-type]
+                idx = torch.stack([torch.randint(self.classes, rows[1:], generator=g) for g in generator])  # type: ignore[union-attr]
+            else:
+                self._check_generators(list(generator), int(self.num_samples or 0))  # type: ignore[arg-type]
+                idx = torch.empty(rows, dtype=torch.long)
+                for i, g in enumerate(generator):  # type: ignore[arg-type]
+                    sel = torch.nonzero(batch == i).squeeze(-1)
+                    idx[sel] = torch.randint(self.classes, (sel.numel(),), generator=g)
+        else:
+            idx = torch.randint(self.classes, rows, generator=generator)
+        return torch.nn.functional.one_hot(idx.to(x.device), self.classes).to(x.dtype)
+
+    def sum_per_sample(self, x: Tensor) -> Tensor:
+        return self.base.sum_per_sample(x)
+
+    def count_per_sample(self, x: Tensor) -> Tensor:
+        return self.base.count_per_sample(x)
+
+    def dof(self, x: Tensor) -> Tensor:
+        return self.base.count_per_sample(x[..., :1])  # one categorical choice per row
+
+    def discrete_parts(self) -> list[tuple[slice, "Categorical"]]:
+        return [(slice(None), self)]
+
+    def __repr__(self) -> str:
+        return f"Categorical(classes={self.classes}, base={self.base!r})"
