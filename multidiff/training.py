@@ -295,6 +295,25 @@ class _AutocastForward(nn.Module):
             return getattr(self._modules["module"], name)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX-512 BF16 or AMX); without, bf16 autocast is emulated and slow."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def with_precision(net: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """The module the Trainer steps for ``train.precision``: ``net`` itself for fp32; for bf16 ``net`` under bf16
+    autocast with fp32 outputs, or ``net`` itself (fp32, with one warning) on a CPU without native bf16."""
+    if precision != "bf16":
+        return net
+    if device.type == "cpu" and not cpu_has_fast_bf16():
+        log.warning("train.precision=bf16: this CPU has neither AVX-512 BF16 nor AMX, so bf16 would be emulated "
+                    "(slower than fp32); training in fp32")
+        return net
+    return _AutocastForward(net, device.type)
+
+
 # --- logging / progress -------------------------------------------------------------------------------------------
 
 
@@ -465,8 +484,7 @@ class Trainer:
         self.step = start_step
 
         net: nn.Module = self.model
-        if cfg.precision == "bf16":
-            net = _AutocastForward(net, self.device.type)
+        net = with_precision(net, cfg.precision, self.device)
         if env.enabled:
             from torch.nn.parallel import DistributedDataParallel
 

@@ -229,9 +229,12 @@ class CoordUpdate(MessagePassing):
         return pos + agg
 
     def message(self, p_i: Tensor, q_j: Tensor, edge_attr: Tensor, coord_diff: Tensor) -> Tensor:
-        """Per-edge displacement ``coord_diff * factor``."""
+        """Per-edge displacement ``coord_diff * factor``; the factor's last layer and the product stay fp32 under
+        bf16 autocast (``train.precision=bf16``), so positions are only moved by fp32 amounts."""
         m = F.silu(p_i + q_j + self.lin_a(edge_attr))
-        phi = self.lin_out(F.silu(self.lin2(m)))
+        hidden = F.silu(self.lin2(m))
+        with torch.autocast(hidden.device.type, enabled=False):
+            phi = self.lin_out(hidden.to(self.lin_out.weight.dtype))
         if self.tanh:
             phi = torch.tanh(phi) * self.coords_range
         return coord_diff * phi
