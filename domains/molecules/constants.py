@@ -10,6 +10,9 @@ ATOMIC_NUMBERS: Final[dict[str, int]] = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
 SYMBOLS: Final[dict[int, str]] = {z: s for s, z in ATOMIC_NUMBERS.items()}
 ELEMENT_INDEX: Final[dict[str, int]] = {s: i for i, s in enumerate(ELEMENTS)}
 MAX_ATOMIC_NUMBER: Final[int] = 9
+# The one element-index table: atomic number Z -> column of the one-hot (index into ELEMENTS), -1 for an element
+# outside the vocabulary. The torch / numpy lookups (features.element_index, metrics.as_arrays) are views of it.
+Z_TO_INDEX: Final[tuple[int, ...]] = tuple(ELEMENT_INDEX.get(SYMBOLS.get(z, ""), -1) for z in range(MAX_ATOMIC_NUMBER + 1))
 
 # Allowed valency (sum of bond orders) of a stable atom, EDM stability criterion (Hoogeboom et al. 2022).
 VALENCY: Final[dict[str, int]] = {"H": 1, "C": 4, "N": 3, "O": 2, "F": 1}

@@ -20,17 +20,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import Dataset
-from torch_geometric.data import Batch, Data
+from torch_geometric.data import Data
 
 from domains.molecules.constants import (
     ATOMIC_NUMBERS,
-    ELEMENT_INDEX,
     ELEMENTS,
-    MAX_ATOMIC_NUMBER,
     PROPERTIES,
     QM9_NUM_MOLECULES,
     PropertySpec,
 )
+from domains.molecules.egnn import fully_connected_edges
+from domains.molecules.features import element_index
 
 __all__ = [
     "CONVERTER_VERSION",
@@ -42,7 +42,6 @@ __all__ = [
     "conditional_halves",
     "default_cache_dir",
     "edm_split",
-    "fully_connected_edges",
     "load_qm9",
     "qm9_source_files",
     "reference_smiles",
@@ -53,11 +52,6 @@ __all__ = [
 CONVERTER_VERSION = "multidiff-qm9-csv-v1"
 CACHE_FILE = "qm9.safetensors"
 SOURCE_FILES = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
-
-# Atomic number -> index into ELEMENTS (-1 outside the vocabulary).
-_Z_TO_INDEX = torch.full((MAX_ATOMIC_NUMBER + 1,), -1, dtype=torch.long)
-for _s, _z in ATOMIC_NUMBERS.items():
-    _Z_TO_INDEX[_z] = ELEMENT_INDEX[_s]
 
 
 @dataclass(frozen=True)
@@ -283,25 +277,6 @@ def _resolve_indices(num: int, split: str | Sequence[int] | np.ndarray | None) -
     return idx
 
 
-def fully_connected_edges(data: Data | Batch, radius: float | None = None, self_loops: bool = False) -> Tensor:
-    """[2, E] edges between all atom pairs of each graph in a Data/Batch, optionally only within `radius` Angstrom."""
-    n = int(data.num_nodes)
-    device = data.pos.device if data.pos is not None else torch.device("cpu")
-    batch = getattr(data, "batch", None)
-    if batch is None:
-        batch = torch.zeros(n, dtype=torch.long, device=device)
-    counts = torch.bincount(batch, minlength=int(batch.max()) + 1 if n else 0)
-    start = torch.cumsum(counts, 0) - counts
-    deg = counts[batch]  # each node pairs with every node of its own graph
-    src = torch.repeat_interleave(torch.arange(n, device=device), deg)
-    block = torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg)
-    dst = start[batch[src]] + (torch.arange(len(src), device=device) - block)
-    keep = torch.ones_like(src, dtype=torch.bool) if self_loops else src != dst
-    if radius is not None:
-        keep &= (data.pos[src] - data.pos[dst]).norm(dim=-1) <= radius
-    return torch.stack([src[keep], dst[keep]])
-
-
 class QM9Dataset(Dataset[Data]):
     """QM9 molecules as PyG Data(pos, z, one_hot, charges, y, num_nodes), EDM features unscaled (Hoogeboom et al. 2022)."""
 
@@ -333,7 +308,7 @@ class QM9Dataset(Dataset[Data]):
         """Molecule i of the split as a PyG Data object."""
         row = int(self.indices[i])
         pos, z = self.qm9.molecule(row)
-        one_hot = torch.nn.functional.one_hot(_Z_TO_INDEX[z], len(ELEMENTS)).float()
+        one_hot = torch.nn.functional.one_hot(element_index(z), len(ELEMENTS)).float()
         data = Data(
             pos=pos.clone(),
             z=z.clone(),
@@ -344,7 +319,7 @@ class QM9Dataset(Dataset[Data]):
             qm9_id=self.qm9.index[row : row + 1].clone(),
         )
         if self.fully_connected or self.radius is not None:
-            data.edge_index = fully_connected_edges(data, self.radius)
+            data.edge_index = fully_connected_edges(torch.zeros(len(z), dtype=torch.long), pos=data.pos, radius=self.radius)
         return data
 
 

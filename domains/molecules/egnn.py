@@ -33,12 +33,20 @@ __all__ = [
 ]
 
 
-def fully_connected_edges(batch: Tensor, num_graphs: int | None = None) -> Tensor:
+def fully_connected_edges(batch: Tensor, num_graphs: int | None = None, *, pos: Tensor | None = None,
+                          radius: float | None = None) -> Tensor:
     """All ordered pairs ``(j -> i)``, ``i != j``, inside each graph of a sorted ``batch`` vector (Satorras et al. 2021).
 
     Returns ``edge_index`` of shape ``[2, sum_g n_g (n_g - 1)]`` with row 0 the source ``j`` and row 1
-    the target ``i``, sorted by target.
+    the target ``i``, sorted by target. With ``pos`` [N, 3] and ``radius``, only the pairs at most ``radius``
+    apart (the one implementation: the EGNNs cache it per batch, ``data.QM9Dataset`` stores it per molecule).
     """
+    if radius is not None:
+        if pos is None:
+            raise ValueError("fully_connected_edges: radius needs pos")
+        edge_index = fully_connected_edges(batch, num_graphs)
+        src, dst = edge_index
+        return edge_index[:, (pos[src] - pos[dst]).norm(dim=-1) <= radius]
     device = batch.device
     n = batch.numel()
     counts = torch.bincount(batch, minlength=num_graphs or 0)

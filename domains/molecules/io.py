@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from rdkit import Chem, rdBase
@@ -15,9 +16,11 @@ from domains.molecules.metrics import Molecule, MoleculeLike, as_arrays, to_rdki
 __all__ = [
     "Molecule",
     "MoleculeFormatError",
+    "XYZRecord",
     "read_sdf",
     "read_text",
     "read_xyz",
+    "read_xyz_records",
     "write_png_grid",
     "write_sdf",
     "write_xyz",
@@ -88,11 +91,29 @@ def _check_coordinates(pos: np.ndarray, where: str) -> None:
             f"(expected finite coordinates within +-{MAX_COORDINATE_A:g} A)")
 
 
-def read_xyz(path: str | Path, vocabulary: Sequence[str] = ELEMENTS) -> list[Molecule]:
-    """All records of a (multi-record) XYZ file: count line, comment line, then `element x y z` lines (Angstrom)."""
+class XYZRecord(NamedTuple):
+    """One record of an XYZ file: the molecule, its comment line and the 1-based line of its atom count."""
+
+    molecule: Molecule
+    comment: str
+    line: int
+
+
+def read_xyz(path: str | Path, vocabulary: Sequence[str] = ELEMENTS, *, check_geometry: bool = True) -> list[Molecule]:
+    """All records of a (multi-record) XYZ file: count line, comment line, then `element x y z` lines (Angstrom).
+
+    ``check_geometry=False`` reads samples (``multidiff sample``'s own ``molecules.xyz``): no overlap, finiteness
+    or magnitude checks, since a collapsed or exploded sample is a bad sample to be scored, not bad input.
+    """
+    return [r.molecule for r in read_xyz_records(path, vocabulary, check_geometry=check_geometry)]
+
+
+def read_xyz_records(path: str | Path, vocabulary: Sequence[str] = ELEMENTS, *,
+                     check_geometry: bool = True) -> list[XYZRecord]:
+    """``read_xyz`` with each record's comment line and line number (the one XYZ parser)."""
     path = Path(path)
     lines = _read_text(path, "XYZ").splitlines()
-    mols: list[Molecule] = []
+    mols: list[XYZRecord] = []
     i = 0
     while i < len(lines):
         if not lines[i].strip():  # blank lines between records
@@ -118,19 +139,20 @@ def read_xyz(path: str | Path, vocabulary: Sequence[str] = ELEMENTS) -> list[Mol
                 if len(parts) < 4:
                     raise ValueError
                 pos[k] = [float(v) for v in parts[1:4]]
-                if not np.all(np.isfinite(pos[k])):
+                if check_geometry and not np.all(np.isfinite(pos[k])):
                     raise ValueError
             except ValueError:
                 raise MoleculeFormatError(
                     f"{where}: malformed record, expected 'element x y z' with finite coordinates, got {line!r}"
                 ) from None
-            if np.abs(pos[k]).max() > MAX_COORDINATE_A:
+            if check_geometry and np.abs(pos[k]).max() > MAX_COORDINATE_A:
                 raise MoleculeFormatError(
                     f"{where}: coordinate {np.abs(pos[k]).max():g} A is not a molecule's (expected |x|, |y|, |z| "
                     f"<= {MAX_COORDINATE_A:g} A), got {line!r}")
             symbols.append(_symbol(parts[0], vocabulary, where))
-        _check_overlap(pos, head)
-        mols.append(Molecule(pos, tuple(symbols)))
+        if check_geometry:
+            _check_overlap(pos, head)
+        mols.append(XYZRecord(Molecule(pos, tuple(symbols)), lines[i + 1], i + 1))
         i += 2 + n
     return mols
 

@@ -12,16 +12,15 @@ import torch
 from rdkit import Chem, rdBase
 
 from domains.molecules.constants import (
-    ATOMIC_NUMBERS,
     BOND_LENGTH_DOUBLE_PM,
     BOND_LENGTH_SINGLE_PM,
     BOND_LENGTH_TRIPLE_PM,
     BOND_MARGINS_PM,
     ELEMENT_INDEX,
     ELEMENTS,
-    MAX_ATOMIC_NUMBER,
     SYMBOLS,
     VALENCY,
+    Z_TO_INDEX,
 )
 
 __all__ = [
@@ -70,9 +69,7 @@ _T1 = _threshold_table(BOND_LENGTH_SINGLE_PM, BOND_MARGINS_PM[0])
 _T2 = _threshold_table(BOND_LENGTH_DOUBLE_PM, BOND_MARGINS_PM[1])
 _T3 = _threshold_table(BOND_LENGTH_TRIPLE_PM, BOND_MARGINS_PM[2])
 _VALENCY = np.array([VALENCY[s] for s in ELEMENTS], dtype=np.int64)
-_Z_TO_INDEX = np.full(MAX_ATOMIC_NUMBER + 1, -1, dtype=np.int64)  # atomic number -> ELEMENTS index
-for _s, _z in ATOMIC_NUMBERS.items():
-    _Z_TO_INDEX[_z] = ELEMENT_INDEX[_s]
+_Z_TO_INDEX = np.asarray(Z_TO_INDEX, dtype=np.int64)  # atomic number -> ELEMENTS index (constants.Z_TO_INDEX)
 
 
 def _element_index(e: Any) -> int:

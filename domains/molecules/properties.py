@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from domains.molecules.constants import ATOMIC_NUMBERS, ELEMENTS
+from domains.molecules.features import atom_rows
 from domains.molecules.metrics import MoleculeLike, as_arrays
 
 __all__ = ["PropertyPredictor", "load_predictor", "molecule_batch", "property_baselines", "property_metrics",
@@ -69,8 +70,6 @@ class PropertyPredictor:
 
 def molecule_batch(mols: Sequence[MoleculeLike], include_charges: bool = True) -> tuple[Tensor, Tensor, int]:
     """Molecules -> (rows ``[pos | one-hot * 0.25 | Z * 0.1]`` with each molecule centred, batch index, count)."""
-    from domains.molecules.domain import atom_rows
-
     rows, sizes = [], []
     for mol in mols:
         pos, idx = as_arrays(mol)

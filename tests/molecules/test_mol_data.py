@@ -20,9 +20,9 @@ from domains.molecules.data import (
     atom_count_histogram,
     conditional_halves,
     edm_split,
-    fully_connected_edges,
     load_qm9,
 )
+from domains.molecules.egnn import fully_connected_edges
 
 # EDM's published `n_nodes` histogram of the QM9 (with H) training split (Hoogeboom et al. 2022, configs/datasets_config.py).
 EDM_TRAIN_N_NODES = {
@@ -141,7 +141,7 @@ def test_fully_connected_edges_on_batch(qm9: QM9) -> None:
     for d in items:
         assert d.edge_index.shape[1] == d.num_nodes * (d.num_nodes - 1)
     batch = Batch.from_data_list(items)
-    ei = fully_connected_edges(batch)
+    ei = fully_connected_edges(batch.batch)
     counts = [d.num_nodes for d in items]
     assert ei.shape[1] == sum(n * (n - 1) for n in counts)
     assert bool((batch.batch[ei[0]] == batch.batch[ei[1]]).all())  # no edges across molecules
@@ -151,7 +151,7 @@ def test_fully_connected_edges_on_batch(qm9: QM9) -> None:
     assert torch.equal(torch.sort(key).values, torch.sort(per_item_key).values)
     # Radius cutoff keeps exactly the pairs within r.
     r = 1.6
-    er = fully_connected_edges(batch, radius=r)
+    er = fully_connected_edges(batch.batch, pos=batch.pos, radius=r)
     dist = (batch.pos[ei[0]] - batch.pos[ei[1]]).norm(dim=-1)
     assert er.shape[1] == int((dist <= r).sum()) and 0 < er.shape[1] < ei.shape[1]
     assert float((batch.pos[er[0]] - batch.pos[er[1]]).norm(dim=-1).max()) <= r
