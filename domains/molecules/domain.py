@@ -40,13 +40,12 @@ from torch.utils.data import Dataset
 
 from domains.molecules.constants import (
     ATOMIC_NUMBERS,
-    CHARGE_SCALE,
-    ELEMENT_INDEX,
     ELEMENTS,
-    ONE_HOT_SCALE,
     PROPERTY_NAMES,
     PROPERTY_UNITS,
 )
+from domains.molecules.features import atom_rows, num_features
+from domains.molecules.fragment import FragmentFrame
 from multidiff.config import positive
 from multidiff.registry import Domain, SampleRequest
 from multidiff.spaces import Graph, Product, Space, ZeroCoM
@@ -67,9 +66,6 @@ MAX_ATOMS = 29  # the largest QM9 molecule (with hydrogens)
 SAMPLES_FILE = "molecules.sdf"
 SAMPLES_XYZ = "molecules.xyz"
 PNG_LIMIT = 64  # molecules drawn in the PNG grid
-_Z_TO_INDEX = torch.full((max(ATOMIC_NUMBERS.values()) + 1,), -1, dtype=torch.long)
-for _s, _i in ELEMENT_INDEX.items():
-    _Z_TO_INDEX[ATOMIC_NUMBERS[_s]] = _i
 
 
 @dataclass
@@ -107,20 +103,6 @@ class MolModel:
     predictor_pool: Literal["sum", "mean"] = "sum"
 
 
-def num_features(data: MolData) -> int:
-    """Invariant feature columns per atom: one-hot elements (+ scaled atomic number)."""
-    return len(ELEMENTS) + (1 if data.include_charges else 0)
-
-
-def atom_rows(pos: Tensor, z: Tensor, include_charges: bool = True) -> Tensor:
-    """Atoms -> rows ``[pos | one_hot * 0.25 | Z * 0.1]`` (EDM feature scaling, Hoogeboom et al. 2022)."""
-    idx = _Z_TO_INDEX[z.long()]
-    cols = [pos.to(torch.float32), torch.nn.functional.one_hot(idx, len(ELEMENTS)).to(torch.float32) * ONE_HOT_SCALE]
-    if include_charges:
-        cols.append(z.to(torch.float32).unsqueeze(-1) * CHARGE_SCALE)
-    return torch.cat(cols, dim=-1)
-
-
 # --- spaces ---------------------------------------------------------------------------------------------------------
 
 
@@ -138,51 +120,9 @@ class MolSpace(Product):
         return self.parts[1][1].num_samples
 
 
-class FragmentFrame(ZeroCoM):
-    """Positions modulo translation with the gauge "centroid of the ``anchor`` atoms = 0" per graph.
-
-    The projection subtracts each graph's anchor centroid from all its atoms, so anchor rows that are
-    already centred are never moved (used for fragment completion); graphs without anchors fall back to
-    zero centre of mass. Differences between atoms, i.e. the geometry, are the same as under ZeroCoM.
-    """
-
-    def __init__(self, batch: Tensor, anchor: Tensor, num_graphs: int | None = None) -> None:
-        super().__init__(batch, num_graphs)
-        if anchor.shape != batch.shape or anchor.dtype != torch.bool:
-            raise ValueError(f"anchor: expected a bool mask shaped like batch {tuple(batch.shape)}, got {tuple(anchor.shape)} {anchor.dtype}")
-        self.anchor = anchor
-        self.anchor_count = torch.bincount(self.batch[anchor], minlength=self.num_samples)
-
-    def project(self, x: Tensor) -> Tensor:
-        self.check(x)
-        batch, anchor = self.batch.to(x.device), self.anchor.to(x.device)
-        count = self.anchor_count.to(x.device)
-        anchored = torch.zeros((self.num_samples,) + x.shape[1:], dtype=x.dtype, device=x.device)
-        anchored.index_add_(0, batch[anchor], x[anchor])
-        centre = torch.where((count > 0).unsqueeze(-1), anchored / count.clamp_min(1).unsqueeze(-1).to(x.dtype),
-                             self.centre_of_mass(x))
-        return x - centre[batch]
-
-
 def _egnn_class() -> type:
-    """``EGNNDenoiser`` with an optional ``anchor`` kwarg (imported lazily: torch_geometric is slow to import)."""
-    from domains.molecules.egnn import EGNNDenoiser
-
-    class MolEGNN(EGNNDenoiser):
-        """EGNNDenoiser whose position output (eps) is re-gauged into the fragment frame when ``anchor`` is given.
-
-        In the fragment frame the noise lives in {centroid of the anchor atoms = 0} (``FragmentFrame``), so the
-        predicted noise is projected into that space too; without it the molecule's centre of mass relative to
-        the fragment would be read as signal and amplified by 1/alpha over the trajectory. Same parameters.
-        """
-
-        def forward(self, x: Tensor, noise_level: Tensor, cond: dict[str, Tensor] | None = None, *, batch: Tensor,
-                    anchor: Tensor | None = None) -> Tensor:
-            out = super().forward(x, noise_level, cond, batch=batch)
-            if anchor is None:
-                return out
-            pos = FragmentFrame(batch, anchor, noise_level.numel()).project(out[:, :3])
-            return torch.cat([pos, out[:, 3:]], dim=-1)
+    """``MolEGNN`` (imported lazily: torch_geometric is slow to import)."""
+    from domains.molecules.egnn import MolEGNN
 
     return MolEGNN
 
@@ -638,7 +578,7 @@ class MoleculesDomain(Domain):
             target = path / SAMPLES_XYZ
             if not target.is_file():
                 raise FileNotFoundError(f"{path}: no {SAMPLES_XYZ} (expected samples written by `multidiff sample molecules`)")
-            return _read_samples_xyz(target)
+            return read_xyz(target, check_geometry=False)  # our own samples: a collapsed one is scored, not refused
         suffix = path.suffix.lower()
         if suffix == ".xyz":
             return read_xyz(path)
@@ -665,55 +605,21 @@ class MoleculesDomain(Domain):
 
 def _samples_targets(path: Path) -> dict[str, list[float]]:
     """Target properties written by ``write`` into the XYZ comment lines (``molecule k alpha=80 ...``); {} if none."""
+    from domains.molecules.io import read_xyz_records
+
     target = path / SAMPLES_XYZ if path.is_dir() else path
     if target.suffix.lower() != ".xyz":
         return {}
-    lines = target.read_text().splitlines()
     rows: list[dict[str, float]] = []
-    i = 0
-    while i < len(lines):
-        if not lines[i].strip():
-            i += 1
-            continue
-        n = int(lines[i].split()[0])
-        comment = lines[i + 1] if i + 1 < len(lines) else ""
+    for record in read_xyz_records(target, check_geometry=False):
         row = {}
-        for token in comment.split():
+        for token in record.comment.split():
             key, sep, value = token.partition("=")
             if sep and key in PROPERTY_NAMES:
                 try:
                     row[key] = float(value)
                 except ValueError:
-                    raise ValueError(f"{target}, line {i + 2}: {key}={value!r} is not a number") from None
+                    raise ValueError(f"{target}, line {record.line + 1}: {key}={value!r} is not a number") from None
         rows.append(row)
-        i += 2 + n
     names = [k for k in PROPERTY_NAMES if rows and all(k in r for r in rows)]
     return {k: [r[k] for r in rows] for k in names}
-
-
-def _read_samples_xyz(path: Path) -> list[Any]:
-    """Our own multi-record XYZ, without the overlapping-atom check (a collapsed sample is a bad sample, not bad input)."""
-    from domains.molecules.metrics import Molecule
-
-    lines = path.read_text().splitlines()
-    mols, i = [], 0
-    while i < len(lines):
-        if not lines[i].strip():
-            i += 1
-            continue
-        try:
-            n = int(lines[i].split()[0])
-            atoms = [lines[i + 2 + k].split() for k in range(n)]
-            elements = tuple(a[0] for a in atoms)
-            pos = np.array([[float(v) for v in a[1:4]] for a in atoms], dtype=np.float64).reshape(n, 3)
-        except (IndexError, ValueError):
-            raise ValueError(f"{path}, line {i + 1}: malformed XYZ record (expected a count line, a comment, then "
-                             f"'element x y z' lines)") from None
-        bad = [e for e in elements if e not in ELEMENT_INDEX]
-        if bad:
-            raise ValueError(f"{path}, line {i + 1}: element {bad[0]} not in vocabulary {','.join(ELEMENTS)}")
-        mols.append(Molecule(pos, elements))
-        i += 2 + n
-    if not mols:
-        raise ValueError(f"{path}: no molecules")
-    return mols

@@ -21,10 +21,13 @@ from torch.nn import functional as F
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter
 
+from domains.molecules.fragment import FragmentFrame
+
 __all__ = [
     "EGNNDenoiser",
     "EGNNPredictor",
     "EquivariantBlock",
+    "MolEGNN",
     "GCL",
     "CoordUpdate",
     "NoiseLevelEmbedding",
@@ -432,6 +435,24 @@ class EGNNDenoiser(nn.Module):
             h, out_pos = block(h, out_pos, edge_index, radial0)
         moved = out_pos if self.position_output == "coordinates" else out_pos - pos
         return torch.cat([remove_mean(moved, batch, num_graphs), self.embedding_out(h)], dim=-1)
+
+
+class MolEGNN(EGNNDenoiser):
+    """EGNNDenoiser whose position output is re-gauged into the fragment frame when ``anchor`` is given.
+
+    In the fragment frame the noise lives in {centroid of the anchor atoms = 0} (``FragmentFrame``), so the
+    predicted noise is projected into that space too; without it the molecule's centre of mass relative to
+    the fragment would be read as signal and amplified by 1/alpha over the trajectory. Same parameters.
+    The molecules domain's backbone (``MoleculesDomain.build_backbone``).
+    """
+
+    def forward(self, x: Tensor, noise_level: Tensor, cond: dict[str, Tensor] | None = None, *, batch: Tensor,
+                anchor: Tensor | None = None, self_cond: Tensor | None = None) -> Tensor:
+        out = super().forward(x, noise_level, cond, batch=batch, self_cond=self_cond)
+        if anchor is None:
+            return out
+        pos = FragmentFrame(batch, anchor, noise_level.numel()).project(out[:, :3])
+        return torch.cat([pos, out[:, 3:]], dim=-1)
 
 
 class EGNNPredictor(nn.Module):
