@@ -22,6 +22,9 @@ Training options of the ``Denoiser`` (each one recipe key in ``diffusion``):
   of Gaussian noise, fed to the backbone unscaled, its output read as logits (denoised = softmax probabilities),
   trained with cross-entropy times ``categorical_weight`` beside the weighted MSE of the continuous parts
   (per-part weights as in MiDi / FlowMol); see ``multidiff.categorical``.
+- ``kernel`` / ``aug_dim``: the law of the noise of the continuous parts, ``gaussian`` or PFGM++'s heavy-tailed
+  ``pfgmpp`` with D = ``aug_dim`` augmented dimensions (Xu et al. 2023; see ``multidiff.kernels``); the sigma grid,
+  preconditioning and probability-flow ODE are the same for both.
 - ``self_condition``: probability p of self-conditioning (Chen et al. 2022, "Analog Bits"): with probability p a batch
   first runs the model without gradient and feeds that x0 estimate back as ``backbone(..., self_cond=denoised)``;
   sampling feeds each step's previous estimate (see ``SelfConditioning``).
@@ -43,6 +46,7 @@ from torch import Tensor, nn
 
 from .categorical import corrupt, cross_entropy, kappa, rows_of
 from .guidance import drop_conditions
+from .kernels import Kernel, get_kernel
 from .schedules import Schedule, append_dims, get_schedule
 from .spaces import Euclidean, Space
 
@@ -92,6 +96,11 @@ class DiffusionConfig:
     coupling: str | None = None  # a domain's noise <-> data coupling (molecules: equivariant_ot)
     self_condition: float = 0.0  # probability of a self-conditioned training batch (0: off)
     categorical_weight: float = 1.0  # weight of a categorical part's cross-entropy beside the continuous loss
+    kernel: Literal["gaussian", "pfgmpp"] = "gaussian"  # perturbation kernel (pfgmpp: PFGM++, Xu et al. 2023)
+    aug_dim: float | None = None  # PFGM++'s D (augmented dimensions, > 0; .inf = the Gaussian limit)
+
+    def __post_init__(self) -> None:
+        get_kernel(self.kernel, self.aug_dim)  # errors name diffusion.kernel / diffusion.aug_dim
 
     def build_schedule(self) -> Schedule:
         """The configured schedule."""
@@ -195,8 +204,11 @@ class Denoiser(nn.Module):
         coupling: Coupling | None = None,
         self_condition: float = 0.0,
         categorical_weight: float = 1.0,
+        kernel: Kernel | str = "gaussian",
+        aug_dim: float | None = None,
     ) -> None:
         super().__init__()
+        self.kernel = get_kernel(kernel, aug_dim)
         if target not in TARGETS:
             raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
         if weighting not in WEIGHTINGS:
@@ -264,6 +276,8 @@ class Denoiser(nn.Module):
             coupling=coupling,
             self_condition=cfg.self_condition,
             categorical_weight=cfg.categorical_weight,
+            kernel=cfg.kernel,
+            aug_dim=cfg.aug_dim,
         )
 
     # --- preconditioning -------------------------------------------------------------------------
@@ -372,7 +386,7 @@ class Denoiser(nn.Module):
             raise FloatingPointError("x0: the training batch contains NaN or inf")
         num = space.num_samples if space.num_samples is not None else x0.shape[0]
         t = self.sample_t(num, x0.device, generator)
-        noise = space.randn_like(x0, generator)
+        noise = self.kernel.noise(x0, space, generator)
         x0 = space.project(x0)
         if self.coupling is not None:
             noise = self.coupling(x0, noise, space)
@@ -405,7 +419,8 @@ class Denoiser(nn.Module):
         return per_sample.mean() if reduce else per_sample
 
     def extra_repr(self) -> str:
-        return f"schedule={self.schedule!r}, target={self.target!r}, weighting={self.weighting!r}, sigma_data={self.sigma_data}"
+        return (f"schedule={self.schedule!r}, target={self.target!r}, weighting={self.weighting!r}, "
+                f"sigma_data={self.sigma_data}, kernel={self.kernel!r}")
 
 
 def _beta_icdf(u: Tensor, a: float, b: float, points: int = 4097) -> Tensor:

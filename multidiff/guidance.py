@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .kernels import Kernel
 from .samplers import Callback, DenoiseFn, _ddim_coefficients, _emit, _Run, get_sampler
 from .schedules import Schedule
 from .spaces import Euclidean, Space
@@ -176,6 +177,7 @@ class Inpaint:
         *,
         space: Space | None = None,
         generator: torch.Generator | None = None,
+        kernel: Kernel | None = None,
     ) -> None:
         space = space if space is not None else Euclidean()
         try:
@@ -183,7 +185,7 @@ class Inpaint:
         except RuntimeError:
             raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to known {tuple(known.shape)}") from None
         self.denoise, self.known, self.mask, self.schedule = denoise, known, mask, schedule
-        self.noise = space.randn_like(known, generator)
+        self.noise = (kernel or Kernel()).noise(known, space, generator)  # the model's kernel (PFGM++: Student-t)
         self.discrete = space.discrete_parts()
 
     def noisy_known(self, t: Tensor) -> Tensor:

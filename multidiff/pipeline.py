@@ -178,12 +178,14 @@ def generate(
         log_prob = model.domain.guidance_log_prob(model.cfg, request)
         denoise = GradientGuidance(denoise, log_prob, schedule, gradient_scale, space=space, through_denoiser=True,
                                    temper=True, clip=model.domain.guidance_clip)
+    fn = get_sampler(sampler)
+    den.kernel.check_sampler(sampler, opts)  # PFGM++ refuses samplers that inject Gaussian noise
     ts = make_grid(schedule, steps, grid)
     like = request.like.to(device)
-    x = prior(schedule, ts[0], like, space, generator)
-    fn = get_sampler(sampler)
+    x = prior(schedule, ts[0], like, space, generator, den.kernel)
     if request.known is not None and request.mask is not None:
-        wrapped = Inpaint(denoise, request.known.to(device), request.mask.to(device), schedule, space=space, generator=generator)
+        wrapped = Inpaint(denoise, request.known.to(device), request.mask.to(device), schedule, space=space,
+                          generator=generator, kernel=den.kernel)
         with torch.no_grad():
             out = fn(wrapped, x, ts, schedule, space, generator=generator, callback=callback, **opts)
         return wrapped.finalize(out)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .categorical import jump, kappa
+from .kernels import Kernel
 from .schedules import Schedule, get_schedule, make_grid
 from .spaces import Euclidean, Space
 
@@ -354,13 +355,18 @@ def nfe(sampler: str, steps: int) -> int:
 
 
 def prior(
-    schedule: Schedule, t: float | Tensor, like: Tensor, space: Space | None = None, generator: torch.Generator | None = None
+    schedule: Schedule,
+    t: float | Tensor,
+    like: Tensor,
+    space: Space | None = None,
+    generator: torch.Generator | None = None,
+    kernel: Kernel | None = None,
 ) -> Tensor:
-    """x_T ~ N(0, sigma(t)^2 I) on the space (uniform classes for categorical parts): the terminal distribution when
-    alpha(t) x0 is negligible."""
+    """x_T = sigma(t) n, n ~ the kernel's noise on the space (default N(0, I); PFGM++: its prior at r_max =
+    sigma_max sqrt(D)), uniform classes for categorical parts: the terminal distribution when alpha(t) x0 is negligible."""
     space = space if space is not None else Euclidean()
     s = float(schedule.sigma(torch.as_tensor(t, dtype=torch.float64)))
-    noise = space.randn_like(like, generator)
+    noise = (kernel or Kernel()).noise(like, space, generator)
     x = s * noise
     for sl, _ in space.discrete_parts():  # categorical parts start from uniformly random classes, unscaled
         x[..., sl] = noise[..., sl]
@@ -378,11 +384,14 @@ def sample(
     space: Space | None = None,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    kernel: Kernel | None = None,
     **opts: float,
 ) -> Tensor:
-    """Draw samples shaped like ``like``: build the grid, draw the prior on the space, run the sampler."""
+    """Draw samples shaped like ``like``: build the grid, draw the prior (of ``kernel``) on the space, run the sampler."""
     schedule = get_schedule(schedule)
     fn = get_sampler(sampler)
+    if kernel is not None:
+        kernel.check_sampler(sampler, opts)
     ts = make_grid(schedule, steps, grid)
-    x = prior(schedule, ts[0], like, space, generator)
+    x = prior(schedule, ts[0], like, space, generator, kernel)
     return fn(denoise, x, ts, schedule, space, generator=generator, callback=callback, **opts)
