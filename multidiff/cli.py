@@ -179,6 +179,7 @@ def sample(
     out: Annotated[Path, typer.Option(help="Output directory (must be empty, see --overwrite).")] = Path("samples"),
     overwrite: Annotated[bool, typer.Option(help="Sample into a non-empty --out: first delete the domain's earlier sample files and metrics.json there (other files stay).")] = False,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same samples on CPU).")] = 0,
+    jobs: Annotated[Optional[Path], typer.Option(help="A JSONL file of requests, one per line (id, num, seed, label, conditions, steps, ...): each job goes to --out/ID atomically and into --out/manifest.jsonl; re-running resumes; sharded over torchrun ranks.")] = None,
     device: DeviceOpt = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -186,14 +187,19 @@ def sample(
 
     Examples: `multidiff sample toy --checkpoint runs/toy --num 1000 --condition label=3`;
     `multidiff sample audio --label 7 --num 16 --steps 50 --guidance 2`;
-    `multidiff sample molecules data.predictor=runs/pred --condition alpha=80 --gradient-scale 1`.
+    `multidiff sample molecules data.predictor=runs/pred --condition alpha=80 --gradient-scale 1`;
+    `multidiff sample toy --checkpoint runs/toy --jobs jobs.jsonl --out batch/` (resumable batch jobs).
     """
-    import torch
-
     from . import pipeline
     from .files import DirLock, check_writable_dir
-    from .registry import Domain, get_domain
+    from .registry import get_domain
 
+    if jobs is not None:
+        _sample_jobs(domain, overrides, checkpoint, jobs, out, num=num, steps=steps, sampler=sampler, grid=grid,
+                     guidance=guidance, gradient_scale=gradient_scale, seed=seed, device=device,
+                     given={"--condition": condition, "--label": label, "--inpaint": inpaint, "--mask": mask,
+                            "--overwrite": overwrite or None})
+        return
     lock = DirLock(out, "multidiff sample")
     try:
         dev = _resolve_device(device)
@@ -207,36 +213,81 @@ def sample(
         if model.domain.name != domain:
             _fail(f"{ckpt}: this checkpoint is for domain {model.domain.name!r}, not {domain!r}")
         model.cfg = _override_loaded(model.cfg, overrides, f"{model.path} (embedded config)")
-        scfg = model.cfg.sample
-        n = num if num is not None else scfg.num
+        n = num if num is not None else model.cfg.sample.num
         if n < 1:
             raise ValueError(f"--num must be >= 1, got {n}")
-        chunk = n if type(dom).merge is Domain.merge else max(1, scfg.batch_size)
-        g = torch.Generator(device=dev).manual_seed(seed)
-        n_steps = steps if steps is not None else scfg.steps
-        parts = []
-        with _progress(progress, n_steps * math.ceil(n / chunk), f"sampling {n} x {domain}") as cb:
-            for k, start in enumerate(range(0, n, chunk)):
-                # the chunk starting at sample s draws its domain choices (sizes, labels...) with seed + s
-                request = dom.request(model.cfg, min(chunk, n - start), conditions, inpaint, mask, seed + start)
-                step_cb = None if cb is None else (lambda info, k=k: cb(info, k * n_steps))
-                x = pipeline.generate(model, request, sampler=sampler or scfg.sampler, steps=n_steps,
-                                      grid=grid or scfg.grid, guidance=guidance if guidance is not None else scfg.guidance,
-                                      guidance_interval=scfg.guidance_interval, gradient_scale=gradient_scale,
-                                      generator=g, callback=step_cb)
-                parts.append(dom.decode(x, request))
-        samples = parts[0] if len(parts) == 1 else dom.merge(parts)
-        for path in earlier:  # --overwrite: the earlier run's files go only now that the new samples exist
-            path.unlink(missing_ok=True)
-        files = dom.write(samples, out)
-        metrics = dom.evaluate(out, model.cfg)
-        write_json(out / METRICS_FILE, metrics)
+        settings = pipeline.sampler_settings(model, sampler=sampler, steps=steps, grid=grid, guidance=guidance,
+                                             gradient_scale=gradient_scale)
+
+        def clear_earlier() -> None:  # --overwrite: the earlier run's files go only now that the new samples exist
+            for path in earlier:
+                path.unlink(missing_ok=True)
+
+        total = settings.steps * pipeline.num_sampler_calls(model, n)
+        with _progress(progress, total, f"sampling {n} x {domain}") as cb:
+            files, metrics = pipeline.sample_to_dir(model, n, conditions, settings, out, inpaint=inpaint, mask=mask,
+                                                    seed=seed, callback=cb, before_write=clear_earlier)
     except _user_errors() as e:
         _fail(str(e))
         return
     finally:
         lock.release()
-    print(dumps_json({"out": str(out), "files": [str(f) for f in files] + [str(out / METRICS_FILE)], "metrics": metrics}))
+    print(dumps_json({"out": str(out), "files": [str(f) for f in files], "metrics": metrics}))
+
+
+def _sample_jobs(domain: str, overrides: list[str] | None, checkpoint: Path | None, jobs_file: Path, out: Path, *,
+                 num: int | None, steps: int | None, sampler: str | None, grid: str | None, guidance: float | None,
+                 gradient_scale: float, seed: int, device: str, given: dict[str, object]) -> None:
+    """``multidiff sample --jobs``: resumable batch jobs (``multidiff.jobs``), sharded over torchrun ranks."""
+    import dataclasses
+
+    import torch
+
+    from . import pipeline
+    from .distributed import broadcast_object, destroy_distributed, init_distributed, resolve_device
+    from .files import DirLock, check_writable_dir
+    from .jobs import read_jobs, run_jobs
+
+    env, created = init_distributed(torch.device(_resolve_device(device)))
+    lock = DirLock(out, "multidiff sample --jobs") if env.is_main else None
+    summary = None
+    try:
+        clash = [flag for flag, value in given.items() if value]
+        if clash:
+            raise ValueError(f"{', '.join(clash)}: not with --jobs (give them per job in {jobs_file}; each job "
+                             f"resumes into --out/ID)")
+        if num is not None and num < 1:
+            raise ValueError(f"--num must be >= 1, got {num}")
+        job_list = read_jobs(jobs_file, seed=seed)
+        defaults = {"steps": steps, "sampler": sampler, "grid": grid, "guidance": guidance}
+        job_list = [dataclasses.replace(j, **{k: v for k, v in defaults.items() if v is not None and getattr(j, k) is None},
+                                        gradient_scale=j.gradient_scale or gradient_scale) for j in job_list]
+        error = None
+        if lock is not None:
+            try:
+                check_writable_dir(out, "--out")
+                lock.acquire()
+            except _user_errors() as e:
+                error = str(e)
+        error = broadcast_object(error)
+        if error is not None:
+            raise ValueError(error)
+        ckpt = checkpoint if checkpoint is not None else _shipped_checkpoint(domain)
+        model = pipeline.load_model(ckpt, device=str(resolve_device(_resolve_device(device), env)))
+        if model.domain.name != domain:
+            raise ValueError(f"{ckpt}: this checkpoint is for domain {model.domain.name!r}, not {domain!r}")
+        model.cfg = _override_loaded(model.cfg, overrides, f"{model.path} (embedded config)")
+        summary = run_jobs(model, job_list, out, default_num=num)
+    except _user_errors() as e:
+        _fail(str(e) if env.is_main else f"rank {env.rank}: {e}")
+        return
+    finally:
+        if lock is not None:
+            lock.release()
+        if created:
+            destroy_distributed()
+    if env.is_main:
+        print(dumps_json(summary))
 
 
 def _shipped_checkpoint(domain: str) -> Path:

@@ -37,6 +37,8 @@ __all__ = [
     "generate_batch",
     "decode",
     "write_samples",
+    "generate_samples",
+    "num_sampler_calls",
     "sample_to_dir",
 ]
 
@@ -451,6 +453,42 @@ def write_samples(model: LoadedModel, samples: Any, out: Path, *, evaluate: bool
     return files, metrics
 
 
+def generate_samples(
+    model: LoadedModel,
+    num: int,
+    conditions: dict[str, str],
+    settings: SamplerSettings,
+    *,
+    inpaint: Path | None = None,
+    mask: str | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    callback: Callable[[StepInfo, int], None] | None = None,
+) -> Any:
+    """Lay out ``num`` samples (sample i has seed ``seed + i``), generate them in sampler calls of at most
+    ``batch_size`` samples and decode them into one set; ``callback(info, done_steps)`` reports progress."""
+    requests = layout(model, num, conditions, inpaint=inpaint, mask=mask, seed=seed)
+    size = max(1, batch_size if batch_size is not None else model.cfg.sample.batch_size)
+    xs: list[Tensor] = []
+    k = start = 0
+    for chunk_start in range(0, len(requests), size):
+        chunk = requests[chunk_start : chunk_start + size]
+        n = sum(num_samples(r) for r in chunk)
+        step_cb = None if callback is None else (lambda info, done=k * settings.steps: callback(info, done))
+        xs += generate_batch(model, chunk, range(seed + start, seed + start + n), settings, callback=step_cb)
+        start += n
+        k += 1
+    return decode(model, requests, xs)
+
+
+def num_sampler_calls(model: LoadedModel, num: int, batch_size: int | None = None) -> int:
+    """How many sampler calls ``generate_samples`` makes for ``num`` samples (for progress totals)."""
+    if not per_sample_layout(model.domain):
+        return 1
+    size = max(1, batch_size if batch_size is not None else model.cfg.sample.batch_size)
+    return -(-num // size)
+
+
 def sample_to_dir(
     model: LoadedModel,
     num: int,
@@ -463,18 +501,13 @@ def sample_to_dir(
     seed: int = 0,
     batch_size: int | None = None,
     callback: Callable[[StepInfo, int], None] | None = None,
+    before_write: Callable[[], None] | None = None,
+    evaluate: bool = True,
 ) -> tuple[list[Path], dict[str, Any]]:
-    """``multidiff sample``: lay out ``num`` samples (sample i has seed ``seed + i``), generate them in sampler calls of
-    at most ``batch_size`` samples, decode, write and evaluate; ``callback(info, done_steps)`` reports progress."""
-    requests = layout(model, num, conditions, inpaint=inpaint, mask=mask, seed=seed)
-    size = max(1, batch_size if batch_size is not None else model.cfg.sample.batch_size)
-    xs: list[Tensor] = []
-    k = start = 0
-    for chunk_start in range(0, len(requests), size):
-        chunk = requests[chunk_start : chunk_start + size]
-        n = sum(num_samples(r) for r in chunk)
-        step_cb = None if callback is None else (lambda info, done=k * settings.steps: callback(info, done))
-        xs += generate_batch(model, chunk, range(seed + start, seed + start + n), settings, callback=step_cb)
-        start += n
-        k += 1
-    return write_samples(model, decode(model, requests, xs), out)
+    """``multidiff sample`` and batch jobs: ``generate_samples`` then ``write_samples`` into ``out`` (files + metrics);
+    ``before_write()`` runs once the samples exist, before any file is written (``--overwrite`` clears old ones)."""
+    samples = generate_samples(model, num, conditions, settings, inpaint=inpaint, mask=mask, seed=seed,
+                               batch_size=batch_size, callback=callback)
+    if before_write is not None:
+        before_write()
+    return write_samples(model, samples, out, evaluate=evaluate)
