@@ -388,18 +388,39 @@ def data(
     domain: DomainArg,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides of the data section.")] = None,
     config: ConfigOpt = None,
+    watch: Annotated[bool, typer.Option(help="Keep polling the data folder and bring the prepared cache up to date on every change (one JSON line per change).")] = False,
+    interval: Annotated[float, typer.Option(help="--watch: seconds between polls.")] = 2.0,
+    watch_seconds: Annotated[Optional[float], typer.Option(help="--watch: stop after this many seconds (default: until interrupted).")] = None,
 ) -> None:
-    """Prepare / cache DOMAIN's data for a recipe (e.g. synthesise the spoken digits, convert QM9)."""
+    """Prepare / cache DOMAIN's data for a recipe (e.g. synthesise the spoken digits, convert QM9).
+
+    File sources (audio fsdd / speechcommands / folder) keep a content index: a second run reprocesses only added
+    and changed files, drops removed ones and prints what changed (`changes`). Example:
+    `multidiff data audio data.source=folder data.root=clips/ --watch --interval 5`.
+    """
     from . import pipeline
     from .registry import get_domain
 
     try:
         dom = get_domain(domain)
-        summary = dom.prepare_data(pipeline.load_run_config(dom, config, list(overrides or [])))
+        cfg = pipeline.load_run_config(dom, config, list(overrides or []))
+        summary = dom.prepare_data(cfg)
+        print(dumps_json(summary, fallback=str), flush=True)
+        if watch:
+            from .datacache import watch as poll
+
+            if "changes" not in summary:
+                raise ValueError(f"--watch: this {domain} data source keeps no content index (change data capture is "
+                                 f"for file sources, e.g. data.source=folder data.root=DIR)")
+            if not interval > 0:
+                raise ValueError(f"--interval must be > 0 seconds, got {interval}")
+            poll(lambda: dom.prepare_data(cfg), interval=interval, max_seconds=watch_seconds,
+                 on_change=lambda s: print(dumps_json(s, fallback=str), flush=True))
     except _user_errors() as e:
         _fail(str(e))
         return
-    print(dumps_json(summary, fallback=str))
+    except KeyboardInterrupt:
+        return
 
 
 @app.command()

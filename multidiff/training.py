@@ -228,6 +228,8 @@ class _DataStream:
         n = len(dataset)  # type: ignore[arg-type]
         if n < cfg.batch_size:
             raise ValueError(f"the dataset has {n} samples, fewer than one batch (train.batch_size={cfg.batch_size})")
+        if index >= n // cfg.batch_size:  # resumed on a smaller data set: its saved position is past this epoch's end
+            epoch, index = epoch + 1, 0
         sampler = _ShardedBatches(n, cfg.batch_size, env, cfg.seed, epoch, index)
         self.per_epoch = sampler.per_epoch
         self.epoch, self.index = epoch, index
@@ -429,6 +431,9 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.loss_fn = loss_fn
         self.dataset = dataset
+        # the content version of a prepared file data set (multidiff.datacache), recorded in the run log at every
+        # start and resume, so a run continued on a changed data set says which version each stretch trained on
+        self.data_version: str | None = getattr(dataset, "data_version", None)
         self.collate_fn = collate_fn
         # normalized through JSON so it compares equal to the copy read back from a checkpoint
         self.run_config: dict[str, Any] = json.loads(
@@ -499,6 +504,7 @@ class Trainer:
             ckpt_io._write_text_durable(self.out_dir / CONFIG_FILE, config_to_yaml(self.run_config))
             runlog = _RunLog(self.out_dir, start_step)
             runlog.write({"step": start_step, "event": "resume" if chosen else "start", "world_size": env.world_size,
+                          **({"data_version": self.data_version} if self.data_version is not None else {}),
                           **({"checkpoint": str(chosen)} if chosen else {})})
         show = self.progress and env.is_main and sys.stderr.isatty()
         bar = _Progress(show, cfg.steps, start_step)

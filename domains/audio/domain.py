@@ -155,11 +155,12 @@ def _load_clips_cached(key: str) -> Any:
         clips = adata.load_digits(d["cache_dir"], split=_SPLITS["digits"][split], sample_rate=sr, seconds=sec,
                                   num_voices=d["num_voices"], progress=False)
     elif src == "fsdd":
-        clips = adata.load_fsdd(d["root"], split=_SPLITS["fsdd"][split], sample_rate=sr, seconds=sec)
+        clips = adata.load_fsdd(d["root"], split=_SPLITS["fsdd"][split], sample_rate=sr, seconds=sec, cache=True)
     elif src == "speechcommands":
-        clips = adata.load_speechcommands(d["root"], split=_SPLITS["speechcommands"][split], sample_rate=sr, seconds=sec)
+        clips = adata.load_speechcommands(d["root"], split=_SPLITS["speechcommands"][split], sample_rate=sr, seconds=sec,
+                                          cache=True)
     else:
-        clips = adata.load_folder(d["root"], sample_rate=sr, seconds=sec)
+        clips = adata.load_folder(d["root"], sample_rate=sr, seconds=sec, cache=True)
     if d["max_clips"] is not None and len(clips) > d["max_clips"]:
         perm = torch.randperm(len(clips), generator=torch.Generator().manual_seed(d["seed"]))
         clips = clips.subset(perm[: d["max_clips"]].sort().values)
@@ -178,11 +179,43 @@ def load_clips(data: AudioData, split: str = "train") -> Any:
     key = json.dumps({"source": data.source, "root": data.root, "sample_rate": data.sample_rate, "seconds": data.seconds,
                       "split": split, "cache_dir": data.cache_dir, "num_voices": data.num_voices,
                       "max_clips": data.max_clips, "seed": data.seed}, sort_keys=True)
-    clips = _load_clips_cached(key)
+    # file sources: the prepared-data cache on disk is the memo (it re-reads only files that changed since)
+    clips = _load_clips_cached(key) if data.source == "digits" else _load_clips_cached.__wrapped__(key)
     names = _class_names(data)
     if list(clips.class_names) != names:
         raise ValueError(f"the data's classes {clips.class_names} differ from data.class_names {names}")
     return clips
+
+
+def _clip_headers(data: AudioData, split: str, synced: Any) -> Any:
+    """Labels, groups and sources of a file source's split from its synced prepared-data cache (no audio is read)."""
+    from domains.audio import data as adata
+
+    root, sr, sec = _need_root(data), data.sample_rate, data.seconds
+    if data.source == "fsdd":
+        return adata.load_fsdd(root, _SPLITS["fsdd"][split], sr, sec, cache=synced, headers_only=True)
+    if data.source == "speechcommands":
+        return adata.load_speechcommands(root, _SPLITS["speechcommands"][split], sr, sec, cache=synced,
+                                         headers_only=True)
+    return adata.load_folder(root, sr, sec, cache=synced, headers_only=True)
+
+
+def _sync_source(data: AudioData) -> Any:
+    """Sync the prepared-data cache of a file source (fsdd, speechcommands, folder) with its folder."""
+    import warnings
+
+    from domains.audio import data as adata
+
+    with warnings.catch_warnings():  # the loads below warn about skipped files once
+        warnings.simplefilter("ignore", adata.AudioDataWarning)
+        root = _need_root(data)
+        if data.source == "fsdd":
+            return adata.load_fsdd(root, sample_rate=data.sample_rate, seconds=data.seconds, cache=True,
+                                   sync_only=True)
+        if data.source == "speechcommands":
+            return adata.load_speechcommands(root, sample_rate=data.sample_rate, seconds=data.seconds, cache=True,
+                                             sync_only=True)
+        return adata.load_folder(root, sample_rate=data.sample_rate, seconds=data.seconds, cache=True, sync_only=True)
 
 
 # --- input clip and mask span -----------------------------------------------------------------------------------------
@@ -391,7 +424,10 @@ class AudioDomain(Domain):
     def build_dataset(self, cfg: Any, split: str = "train") -> Dataset:
         from domains.audio.data import ClipDataset
 
-        return ClipDataset(load_clips(cfg.data, split), max_shift=cfg.data.max_shift if split == "train" else 0)
+        clips = load_clips(cfg.data, split)
+        dataset = ClipDataset(clips, max_shift=cfg.data.max_shift if split == "train" else 0)
+        dataset.data_version = clips.version  # type: ignore[attr-defined]  # recorded in the run log by the trainer
+        return dataset
 
     def build_backbone(self, cfg: Any) -> nn.Module:
         from domains.audio.unet import UNet1D
@@ -437,8 +473,11 @@ class AudioDomain(Domain):
             summary["cache_dir"] = str(Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir())
         else:
             summary["root"] = d.root
+            synced = _sync_source(d)  # change data capture: only added / changed files are processed
+            summary["changes"] = synced.changes
         for split in splits:
-            clips = load_clips(d, "train" if split == "all" else split)
+            clips = load_clips(d, "train" if split == "all" else split) if d.source == "digits" else \
+                _clip_headers(d, "train" if split == "all" else split, synced)
             counts = torch.bincount(clips.labels, minlength=len(clips.class_names)).tolist()
             summary[split] = {"clips": len(clips), "groups": len(set(clips.groups)),
                               "per_class": dict(zip(clips.class_names, counts))}
