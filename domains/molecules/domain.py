@@ -40,7 +40,9 @@ from torch.utils.data import Dataset
 
 from domains.molecules.constants import (
     ATOMIC_NUMBERS,
+    CHARGE_SCALE,
     ELEMENTS,
+    ONE_HOT_SCALE,
     PROPERTY_NAMES,
     PROPERTY_UNITS,
 )
@@ -48,7 +50,7 @@ from domains.molecules.features import atom_rows, num_features
 from domains.molecules.fragment import FragmentFrame
 from multidiff.config import positive
 from multidiff.registry import Domain, SampleRequest
-from multidiff.spaces import Graph, Product, Space, ZeroCoM
+from multidiff.spaces import Categorical, Graph, Product, Space, ZeroCoM
 
 __all__ = [
     "MolData",
@@ -72,10 +74,17 @@ PNG_LIMIT = 64  # molecules drawn in the PNG grid
 class MolData:
     """QM9 selection and conditioning; the ``n_atoms_counts`` / ``property_*`` stats are filled in at training."""
 
+    # qm9: QM9 from the qm9pack wheel (EDM's splits); folder: the *.sdf / *.xyz files under data.root (no properties,
+    # splits by a hash of file and record), prepared with change data capture (multidiff.datacache)
+    source: Literal["qm9", "folder"] = "qm9"
+    root: str | None = None  # data.source=folder: the directory of molecule files
     split: str | None = None  # None: "generator" half when conditioning (EDM), "predictor" half for a predictor, else "train"
     max_molecules: int | None = positive(None)  # first N molecules of the split (the split is a random permutation)
     remove_h: bool = False
     include_charges: bool = True
+    # continuous: one-hot * 0.25 diffused like positions (EDM); categorical: a discrete part (multidiff.categorical),
+    # unscaled one-hot rows with cross-entropy, needs include_charges: false (the charge is the element's)
+    atom_types: Literal["continuous", "categorical"] = "continuous"
     conditioning: list[str] = field(default_factory=list)  # property names: alpha, gap, homo, lumo, mu, Cv
     radius: float | None = None  # EGNN interaction cut-off in Angstrom (None: fully connected)
     cache_dir: Path | None = None  # QM9 tensor cache; None: $MULTIDIFF_CACHE or ~/.cache/multidiff
@@ -103,21 +112,33 @@ class MolModel:
     predictor_pool: Literal["sum", "mean"] = "sum"
 
 
+def one_hot_scale(data: MolData) -> float:
+    """The one-hot scale of the atom rows: EDM's 0.25 for continuous atom types, 1 for a categorical part."""
+    return 1.0 if data.atom_types == "categorical" else ONE_HOT_SCALE
+
+
+def check_atom_types(data: MolData) -> None:
+    """A categorical atom-type part holds exactly the one-hot columns: no separate charge column."""
+    if data.atom_types not in ("continuous", "categorical"):
+        raise ValueError(f"data.atom_types: expected 'continuous' or 'categorical', got {data.atom_types!r}")
+    if data.atom_types == "categorical" and data.include_charges:
+        raise ValueError("data.atom_types=categorical needs data.include_charges=false (a categorical part is the "
+                         "one-hot element columns alone; the charge follows from the element)")
+
+
 # --- spaces ---------------------------------------------------------------------------------------------------------
 
 
 class MolSpace(Product):
     """Positions x features of a graph batch: ``[0:3]`` in a position space (ZeroCoM), ``[3:]`` unconstrained."""
 
-    def __init__(self, batch: Tensor, num_graphs: int | None = None, positions: Graph | None = None) -> None:
-        features = Graph(batch, num_graphs)
-        positions = positions if positions is not None else ZeroCoM(batch, features.num_samples)
+    def __init__(self, batch: Tensor, num_graphs: int | None = None, positions: Graph | None = None,
+                 categorical: bool = False) -> None:
+        graph = Graph(batch, num_graphs)
+        features: Space = Categorical(len(ELEMENTS), graph) if categorical else graph
+        positions = positions if positions is not None else ZeroCoM(batch, graph.num_samples)
         super().__init__([(slice(0, 3), positions), (slice(3, None), features)])
         self.positions = positions
-
-    @property
-    def num_samples(self) -> int:
-        return self.parts[1][1].num_samples
 
 
 def _egnn_class() -> type:
@@ -199,6 +220,7 @@ class MoleculesDomain(Domain):
         self._qm9: Any = None
         self._qm9_key: Any = None
         self._include_charges = True
+        self._categorical = False
         self._conditioning: list[str] = []
         self._mean = torch.zeros(0)
         self._mad = torch.ones(0)
@@ -210,8 +232,16 @@ class MoleculesDomain(Domain):
     # --- data -----------------------------------------------------------------------------------------------------
     def qm9(self, data: MolData) -> Any:
         """QM9 from the tensor cache (converted from the qm9pack CSVs on first use)."""
-        from domains.molecules.data import load_qm9
+        from domains.molecules.data import load_molecule_folder, load_qm9, sync_molecule_folder
 
+        if data.source == "folder":
+            if not data.root:
+                raise ValueError("data.root is required for data.source=folder (a directory of .sdf / .xyz files)")
+            synced = sync_molecule_folder(data.root)  # a stat per file; parses only added / changed files
+            key = ("folder", str(synced.cache.directory), synced.version)
+            if self._qm9 is None or self._qm9_key != key:
+                self._qm9, self._qm9_key = load_molecule_folder(data.root, synced), key
+            return self._qm9
         key = str(data.cache_dir)
         if self._qm9 is None or self._qm9_key != key:
             self._qm9, self._qm9_key = load_qm9(data.cache_dir, progress=True), key
@@ -226,9 +256,10 @@ class MoleculesDomain(Domain):
         return "generator" if cfg.data.conditioning else "train"
 
     def _rows(self, cfg: Any, split: str) -> np.ndarray:
-        from domains.molecules.data import _resolve_indices
+        from domains.molecules.data import _resolve_indices, folder_split
 
-        rows = _resolve_indices(len(self.qm9(cfg.data)), split)
+        qm9 = self.qm9(cfg.data)
+        rows = folder_split(qm9.keys, split) if cfg.data.source == "folder" else _resolve_indices(len(qm9), split)
         if cfg.data.max_molecules is not None:
             if cfg.data.max_molecules < 1:
                 raise ValueError(f"data.max_molecules must be >= 1 or null, got {cfg.data.max_molecules}")
@@ -236,6 +267,9 @@ class MoleculesDomain(Domain):
         return rows
 
     def _check_conditioning(self, data: MolData) -> None:
+        if data.source == "folder" and data.conditioning:
+            raise ValueError(f"data.conditioning={data.conditioning}: a data.source=folder set has no properties to "
+                             f"condition on (use data.source=qm9, or no conditioning)")
         unknown = [p for p in data.conditioning if p not in PROPERTY_NAMES]
         if unknown:
             raise ValueError(f"data.conditioning: unknown propert{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
@@ -247,6 +281,7 @@ class MoleculesDomain(Domain):
         """Fill the training atom-count histogram and property mean/MAD into ``cfg.data`` (saved with the checkpoint)."""
         data = cfg.data
         self._check_conditioning(data)
+        check_atom_types(data)
         p = len(data.conditioning)
         has_stats = len(data.property_mean) == p and len(data.property_mad) == p
         if data.n_atoms_counts and has_stats:
@@ -267,6 +302,7 @@ class MoleculesDomain(Domain):
     def _remember(self, cfg: Any) -> None:
         """Keep what ``collate`` needs (it sees only the items)."""
         self._include_charges = cfg.data.include_charges
+        self._categorical = cfg.data.atom_types == "categorical"
         self._conditioning = list(cfg.data.conditioning)
         self._mean = torch.tensor(cfg.data.property_mean, dtype=torch.float32)
         self._mad = torch.tensor(cfg.data.property_mad, dtype=torch.float32)
@@ -276,14 +312,17 @@ class MoleculesDomain(Domain):
         self.resolve_stats(cfg)
         self._remember(cfg)
         name = self._split(cfg) if split == "train" else split
-        return MolGraphs(self.qm9(cfg.data), self._rows(cfg, name), cfg.data.remove_h)
+        graphs = MolGraphs(self.qm9(cfg.data), self._rows(cfg, name), cfg.data.remove_h)
+        graphs.data_version = getattr(self.qm9(cfg.data), "version", None)  # type: ignore[attr-defined]  # in the run log
+        return graphs
 
     def collate(self, items: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, Any]:
         counts = torch.tensor([len(z) for _, z, _ in items], dtype=torch.long)
         pos = torch.cat([p for p, _, _ in items])
         z = torch.cat([z for _, z, _ in items])
         batch = {
-            "x": atom_rows(pos, z, self._include_charges),
+            "x": atom_rows(pos, z, self._include_charges, 1.0 if self._categorical else ONE_HOT_SCALE),
+            "categorical": self._categorical,
             "batch": torch.repeat_interleave(torch.arange(len(items)), counts),
             "num_graphs": len(items),
         }
@@ -302,7 +341,21 @@ class MoleculesDomain(Domain):
             num_features(cfg.data), hidden=m.hidden, layers=m.layers, sublayers=m.sublayers,
             cond_dim=len(cfg.data.conditioning), attention=m.attention, tanh=m.tanh, coords_range=m.coords_range,
             norm_constant=m.norm_constant, radius=cfg.data.radius, normalization_factor=m.normalization_factor,
+            # an x0-predicting model outputs coordinates; eps / v / velocity models a displacement from the input
+            position_output="coordinates" if cfg.diffusion.target == "x0" else "displacement",
+            self_conditioning=cfg.diffusion.self_condition > 0,
         )
+
+    def coupling(self, cfg: Any) -> Any:
+        """``diffusion.coupling: equivariant_ot``: Hungarian + Kabsch alignment of each noise draw (``equivariant_ot``)."""
+        name = cfg.diffusion.coupling
+        if name is None:
+            return None
+        if name != "equivariant_ot":
+            raise ValueError(f"diffusion.coupling={name!r}: unknown coupling for molecules; expected 'equivariant_ot' or null")
+        from domains.molecules.coupling import equivariant_ot
+
+        return equivariant_ot
 
     def training_module(self, cfg: Any) -> nn.Module | None:
         """``model.kind: predictor`` trains EDM's property predictor (L1 on normalised properties) instead."""
@@ -323,13 +376,21 @@ class MoleculesDomain(Domain):
         return batch["x"], cond, {"batch": batch["batch"]}
 
     def space(self, batch: dict[str, Any]) -> Space:
-        return MolSpace(batch["batch"], batch["num_graphs"])
+        return MolSpace(batch["batch"], batch["num_graphs"], categorical=batch.get("categorical", False))
 
     def prepare_data(self, cfg: Any) -> dict[str, Any]:
         """Convert / cache QM9, report split sizes (and build the novelty reference when ``data.novelty``)."""
         from domains.molecules.data import conditional_halves, edm_split
 
         self._check_conditioning(cfg.data)
+        if cfg.data.source == "folder":
+            from domains.molecules.data import sync_molecule_folder
+
+            changes = sync_molecule_folder(cfg.data.root or "").changes if cfg.data.root else None
+            qm9 = self.qm9(cfg.data)
+            return {"source": "folder", "root": cfg.data.root, "changes": changes, "molecules": len(qm9),
+                    "atoms": int(qm9.num_atoms.sum()),
+                    **{k: len(self._rows(cfg, k)) for k in ("train", "valid", "test")}}
         qm9 = self.qm9(cfg.data)
         splits = edm_split(len(qm9))
         pred, gen = conditional_halves(len(splits["train"]))
@@ -409,21 +470,20 @@ class MoleculesDomain(Domain):
         nf = num_features(data)
         like = torch.zeros(int(sizes.sum()), 3 + nf)
         meta: dict[str, Any] = {"sizes": sizes, "properties": props, "include_charges": data.include_charges}
+        check_atom_types(data)
+        categorical = data.atom_types == "categorical"
         if fragment is None:
-            return SampleRequest(like=like, space=MolSpace(batch, num), cond=cond, kwargs={"batch": batch},
+            return SampleRequest(like=like, space=MolSpace(batch, num, categorical=categorical), cond=cond, kwargs={"batch": batch},
                                  batched_cfg=False, meta=meta)
-        if cfg.diffusion.target != "eps":
-            raise ValueError(f"molecules: fragment completion needs an eps-prediction model (diffusion.target: eps); "
-                             f"this checkpoint predicts {cfg.diffusion.target!r}")
         pos, z = fragment
         centroid = pos.mean(0)
-        rows = atom_rows(pos - centroid, z, data.include_charges)
+        rows = atom_rows(pos - centroid, z, data.include_charges, one_hot_scale(data))
         first = torch.cumsum(sizes, 0) - sizes
         local = torch.arange(len(batch)) - first[batch]
         anchor = local < n_frag
         known = like.clone()
         known[anchor] = rows.repeat(num, 1)
-        space = MolSpace(batch, num, positions=FragmentFrame(batch, anchor, num))
+        space = MolSpace(batch, num, positions=FragmentFrame(batch, anchor, num), categorical=categorical)
         meta.update(fragment_centroid=centroid, fragment_atoms=n_frag, fragment=str(inpaint))
         return SampleRequest(like=like, space=space, cond=cond, kwargs={"batch": batch, "anchor": anchor}, known=known,
                              mask=anchor.unsqueeze(-1).expand_as(known).clone(), batched_cfg=False, meta=meta)
@@ -518,8 +578,23 @@ class MoleculesDomain(Domain):
             raise ValueError(f"molecules: --gradient-scale needs a target for a property the predictor {predictor.path} "
                              f"predicts ({predictor.names}): give --condition {predictor.names[0]}=VALUE")
         targets = torch.tensor([props[n] for n in names], dtype=torch.float32).T
-        return guidance_log_prob(predictor, targets, names, request.kwargs["batch"], request.space.num_samples,
-                                 cfg.data.include_charges)
+        if cfg.data.atom_types != "categorical":
+            return guidance_log_prob(predictor, targets, names, request.kwargs["batch"], request.space.num_samples,
+                                     cfg.data.include_charges)
+        # a categorical model's x0 estimate holds class probabilities: the predictor gets EDM's rows of their
+        # expectation, [pos | probs * 0.25 (| E[Z] * 0.1)], a differentiable map of the estimate
+        fn = guidance_log_prob(predictor, targets, names, request.kwargs["batch"], request.space.num_samples,
+                               predictor.include_charges)
+        z = torch.tensor([ATOMIC_NUMBERS[e] for e in ELEMENTS], dtype=torch.float32)
+
+        def log_prob(x0: Tensor, t: Tensor) -> Tensor:
+            probs = x0[:, 3 : 3 + len(ELEMENTS)]
+            cols = [x0[:, :3], probs * ONE_HOT_SCALE]
+            if predictor.include_charges:
+                cols.append((probs @ z.to(probs)).unsqueeze(-1) * CHARGE_SCALE)
+            return fn(torch.cat(cols, -1), t)
+
+        return log_prob
 
     def property_baselines(self, data: MolData) -> dict[str, dict[str, float]]:
         """EDM's reference rows for the predictor (QM9 lower bound, shuffled labels, n atoms only), cached per run."""
