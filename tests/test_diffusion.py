@@ -31,26 +31,109 @@ def test_target_conversions_round_trip(schedule: str) -> None:
     assert torch.allclose(to_x0(to_eps(x0, "x0", xt, a, sg), "eps", xt, a, sg), x0, atol=1e-9)
 
 
-class Oracle(nn.Module):
-    """A backbone that knows x0: inverts the preconditioning and returns the exact target."""
+# --- EDM's preconditioning written out by hand (Karras et al. 2022, Table 1), the outside reference ---------------
+#
+# EDM works in variance-exploding coordinates: x = y + sigma n (y the data, n ~ N(0, I)), network F_theta, and
+#     D(x; sigma) = c_skip(sigma) x + c_out(sigma) F_theta(c_in(sigma) x; c_noise(sigma))
+#     c_skip = sd^2 / (sigma^2 + sd^2),  c_out = sigma sd / sqrt(sigma^2 + sd^2),  c_in = 1 / sqrt(sigma^2 + sd^2),
+#     c_noise = ln(sigma) / 4,  training target F = (y - c_skip x) / c_out   (sd = sigma_data).
+# The Denoiser works in native coordinates x_t = alpha x0 + sigma_t eps, so EDM's x is x_t / alpha and EDM's sigma is
+# sigma_t / alpha (the schedule's sigma_ve). Its "v" backbone output is v = (alpha eps - sigma_t x0) / r (Salimans &
+# Ho 2022 for sd = 1), which is minus EDM's F target; both facts are checked below against the formulas above only.
 
-    def __init__(self, x0: Tensor, den: "Denoiser", error: Tensor | None = None) -> None:
+
+def edm_table1(sigma: Tensor, sd: float) -> dict[str, Tensor]:
+    """EDM's preconditioning (Karras et al. 2022, Table 1, "Ours" column), nothing taken from multidiff."""
+    return {
+        "c_skip": sd**2 / (sigma**2 + sd**2),
+        "c_out": sigma * sd / torch.sqrt(sigma**2 + sd**2),
+        "c_in": 1 / torch.sqrt(sigma**2 + sd**2),
+        "c_noise": torch.log(sigma) / 4,
+    }
+
+
+class Spy(nn.Module):
+    """A backbone that records what it receives and returns a fixed F."""
+
+    def __init__(self, out: Tensor) -> None:
         super().__init__()
-        self.x0, self.den, self.error = x0, den, error
+        self.out = out
+        self.calls: list[tuple[Tensor, Tensor]] = []
 
-    def forward(self, x_in: Tensor, c_noise: Tensor, cond: dict | None = None) -> Tensor:
-        lam = (-8 * c_noise.to(torch.float64)).clamp(-40, 40)
-        t = self.den.schedule.t_from_logsnr(lam)
-        a, s = self.den.schedule.alpha(t)[:, None], self.den.schedule.sigma(t)[:, None]
-        sd = self.den.sigma_data
-        r2 = a**2 * sd**2 + s**2
-        xt = x_in.to(torch.float64) * r2.sqrt()
-        x0 = self.x0 + (self.error if self.error is not None else 0)
-        if self.den.target == "x0":
-            return x0
-        if self.den.target == "eps":
-            return (xt - a * x0) / s
-        return ((sd**2 * a / r2) * xt - x0) / (s * sd / r2.sqrt())  # F such that c_skip x - c_out F = x0
+    def forward(self, x_in: Tensor, noise_level: Tensor, cond: dict | None = None) -> Tensor:
+        self.calls.append((x_in.detach().clone(), noise_level.detach().clone()))
+        return self.out  # float64: the combination is checked to 1e-9
+
+
+SCHEDULES_UNDER_TEST = ["cosine", "vp_linear", "edm_poly", "sigmoid", "karras", "flow"]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES_UNDER_TEST)
+@pytest.mark.parametrize("sigma_data", [1.0, 0.5])
+def test_v_preconditioning_is_edm_table1(schedule: str, sigma_data: float) -> None:
+    """target="v": the backbone sees c_in * (x_t / alpha) and c_noise = ln(sigma_ve) / 4, and its output F enters the
+    x0 estimate as EDM's D = c_skip (x_t / alpha) + c_out (-F), with EDM's published coefficients."""
+    g = torch.Generator().manual_seed(0)
+    n = 24
+    t = torch.linspace(0.05, 0.95, n, dtype=torch.float64)
+    F = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    spy = Spy(F)
+    den = Denoiser.from_config(spy, DiffusionConfig(schedule=schedule, target="v", sigma_data=sigma_data))
+    sched = get_schedule(schedule)
+    alpha, sigma_t = sched.alpha(t), sched.sigma(t)
+    x_t = torch.randn(n, 3, generator=g, dtype=torch.float64) * 3
+    denoised = den(x_t, t)
+
+    sigma = sigma_t / alpha  # EDM's sigma; x_t / alpha is EDM's x = y + sigma n
+    x_edm = x_t / alpha[:, None]
+    edm = edm_table1(sigma, sigma_data)
+    (x_in, noise_level), = spy.calls
+    assert torch.allclose(x_in.to(torch.float64), edm["c_in"][:, None] * x_edm, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(noise_level.to(torch.float64), edm["c_noise"], rtol=1e-5, atol=1e-6)
+    expected = edm["c_skip"][:, None] * x_edm + edm["c_out"][:, None] * (-F)
+    assert torch.allclose(denoised, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "karras", "flow"])
+def test_v_target_is_minus_edm_f_target_and_salimans_v(schedule: str) -> None:
+    """The loss of target="v" vanishes exactly for F = -(x0 - c_skip x) / c_out (EDM's training target, by hand), and on
+    a variance-preserving schedule that F is Salimans & Ho's v = alpha eps - sigma x0."""
+    g = torch.Generator().manual_seed(1)
+    n, sd = 16, 1.0
+    t = torch.linspace(0.1, 0.9, n, dtype=torch.float64)
+    sched = get_schedule(schedule)
+    alpha, sigma_t = sched.alpha(t), sched.sigma(t)
+    x0 = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    x_t = alpha[:, None] * x0 + sigma_t[:, None] * eps
+    sigma = sigma_t / alpha
+    edm = edm_table1(sigma, sd)
+    f_target = (x0 - edm["c_skip"][:, None] * (x_t / alpha[:, None])) / edm["c_out"][:, None]
+    den = Denoiser.from_config(Spy(-f_target), DiffusionConfig(schedule=schedule, target="v", sigma_data=sd))
+    assert torch.allclose(den(x_t, t), x0, atol=1e-9)
+    if schedule == "cosine":  # alpha^2 + sigma^2 = 1
+        assert torch.allclose(-f_target, alpha[:, None] * eps - sigma_t[:, None] * x0, atol=1e-9)
+
+
+class EDMOracle(nn.Module):
+    """A backbone that knows x0 and reads (x_t, sigma) back from its inputs through EDM's c_in / c_noise only, then
+    returns the exact target of each kind in EDM's terms. If the Denoiser's c_in, c_noise, c_skip or c_out differ from
+    Table 1, the estimate is not x0."""
+
+    def __init__(self, x0: Tensor, target: str, sd: float) -> None:
+        super().__init__()
+        self.x0, self.target, self.sd = x0, target, sd
+
+    def forward(self, x_in: Tensor, noise_level: Tensor, cond: dict | None = None) -> Tensor:
+        sigma = torch.exp(4 * noise_level.to(torch.float64))[:, None]  # c_noise = ln(sigma) / 4
+        x_edm = x_in.to(torch.float64) * torch.sqrt(sigma**2 + self.sd**2)  # c_in = 1 / sqrt(sigma^2 + sd^2)
+        y = self.x0
+        if self.target == "x0":
+            return y
+        if self.target == "eps":  # x_edm = y + sigma eps
+            return (x_edm - y) / sigma
+        edm = edm_table1(sigma, self.sd)
+        return -(y - edm["c_skip"] * x_edm) / edm["c_out"]  # v = minus EDM's F target
 
 
 @pytest.mark.parametrize("target", ["eps", "x0", "v"])
@@ -58,12 +141,23 @@ class Oracle(nn.Module):
 def test_denoiser_recovers_x0_from_the_exact_target(target: str, sigma_data: float) -> None:
     x0 = torch.randn(32, 4, dtype=torch.float64)
     den = Denoiser(nn.Identity(), "cosine", target=target, sigma_data=sigma_data, t_min=0.05)
-    den.backbone = Oracle(x0, den)
+    den.backbone = EDMOracle(x0, target, sigma_data)
     t = torch.linspace(0.05, 0.95, 32, dtype=torch.float64)
     eps = torch.randn_like(x0)
     xt = add_noise(x0, eps, den.schedule.alpha(t), den.schedule.sigma(t))
     assert torch.allclose(den(xt, t), x0, atol=1e-6)
     assert float(den.loss(x0)) < 1e-10
+
+
+class Fixed(nn.Module):
+    """An x0-predicting backbone that is off by a known error."""
+
+    def __init__(self, out: Tensor) -> None:
+        super().__init__()
+        self.out = out
+
+    def forward(self, x_in: Tensor, noise_level: Tensor, cond: dict | None = None) -> Tensor:
+        return self.out
 
 
 @pytest.mark.parametrize("weighting", ["x0", "eps", "v", "min_snr", "edm"])
@@ -73,7 +167,7 @@ def test_loss_weighting_scales_the_x0_error(weighting: str) -> None:
     x0 = torch.randn(64, 3, dtype=torch.float64)
     delta = torch.full_like(x0, 0.1)
     den = Denoiser(nn.Identity(), "cosine", target="x0", weighting=weighting, min_snr_gamma=5.0)
-    den.backbone = Oracle(x0, den, error=delta)
+    den.backbone = Fixed(x0 + delta)
     g = torch.Generator().manual_seed(3)
     per = den.loss(x0, generator=g, reduce=False).to(torch.float64)
     t = den.sample_t(64, generator=torch.Generator().manual_seed(3))
