@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,11 @@ from domains.molecules.features import element_index
 
 __all__ = [
     "CONVERTER_VERSION",
+    "FolderMolecules",
+    "MoleculeDataWarning",
+    "folder_split",
+    "load_molecule_folder",
+    "sync_molecule_folder",
     "PROPERTIES",
     "QM9",
     "QM9Dataset",
@@ -394,3 +400,90 @@ def property_spec(name: str) -> PropertySpec:
         if p.name == name:
             return p
     raise KeyError(f"unknown property {name!r}; known: {[p.name for p in PROPERTIES]}")
+
+
+# --- molecules from a folder of SDF / XYZ files (data.source=folder), with change data capture -------------------------
+
+FOLDER_CACHE_KIND = "molecule_files"
+FOLDER_CACHE_VERSION = "molecule-file-v1"  # bump when the per-file conversion below changes
+FOLDER_EXTENSIONS = (".sdf", ".xyz")
+
+
+class MoleculeDataWarning(UserWarning):
+    """A molecule file of a data folder was skipped (malformed, outside the element vocabulary, overlapping atoms)."""
+
+
+@dataclass(frozen=True)
+class FolderMolecules(QM9):
+    """The molecules of a folder of SDF / XYZ files in QM9's flat layout (no properties), with per-molecule keys
+    ``relative/path.sdf#record`` (what the folder split hashes) and the prepared data's content ``version``."""
+
+    keys: tuple[str, ...] = ()
+    version: str = ""
+
+
+def folder_split(keys: Sequence[str], split: str | None) -> np.ndarray:
+    """Rows of ``split`` for folder molecules: a stable hash of each key puts 10 % in test, 10 % in valid, the rest in
+    train ('all' or None: every row), so adding or removing files never moves the other molecules between splits."""
+    if split in (None, "all"):
+        return np.arange(len(keys))
+    if split not in ("train", "valid", "test"):
+        raise ValueError(f"data.split={split!r}: a data.source=folder set has the splits train, valid, test and all")
+    bucket = np.array([int.from_bytes(hashlib.sha256(k.encode()).digest()[:4], "little") % 10 for k in keys], dtype=np.int64)
+    keep = {"test": bucket == 0, "valid": bucket == 1, "train": bucket >= 2}[split]
+    return np.flatnonzero(keep)
+
+
+def _convert_file(path: Path) -> Any:
+    """One SDF / XYZ file -> its molecules as flat tensors (pos [atoms, 3] float32, z [atoms], counts [molecules])."""
+    from domains.molecules.io import MoleculeFormatError, read_sdf, read_xyz
+    from multidiff.datacache import FileResult
+
+    try:
+        mols = read_sdf(path) if path.suffix.lower() == ".sdf" else read_xyz(path)
+    except (MoleculeFormatError, OSError, UnicodeDecodeError) as err:
+        return FileResult(None, {"skip": str(err)})
+    pos = torch.from_numpy(np.concatenate([np.asarray(m.positions, dtype=np.float32) for m in mols]))
+    z = torch.tensor([ATOMIC_NUMBERS[e] for m in mols for e in m.elements], dtype=torch.int64)
+    counts = torch.tensor([len(m.elements) for m in mols], dtype=torch.int64)
+    return FileResult({"pos": pos, "z": z, "counts": counts}, {"molecules": len(mols)})
+
+
+def sync_molecule_folder(root: str | Path, *, rebuild: bool = False) -> Any:
+    """Bring the prepared-data cache of a folder of ``*.sdf`` / ``*.xyz`` files (searched recursively, hidden
+    entries skipped) in line with it: only added / changed files are parsed (`multidiff.datacache`)."""
+    from multidiff.datacache import ContentIndexCache
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"molecule directory not found: {root} (data.root of data.source=folder)")
+    files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*"))
+             if p.suffix.lower() in FOLDER_EXTENSIONS and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+    cache = ContentIndexCache.for_folder(FOLDER_CACHE_KIND, root, {"processing": FOLDER_CACHE_VERSION})
+    return cache.sync(files, lambda rel, data: _convert_file(files[rel]), rebuild=rebuild)
+
+
+def load_molecule_folder(root: str | Path, synced: Any = None) -> FolderMolecules:
+    """The molecules of a folder (see `sync_molecule_folder`); skipped files are named in a `MoleculeDataWarning`."""
+    import warnings
+
+    synced = synced if synced is not None else sync_molecule_folder(root)
+    keys: list[str] = []
+    used: list[str] = []
+    for rel in sorted(synced.entries):
+        meta = synced.entries[rel]["meta"]
+        if "skip" in meta:
+            warnings.warn(f"skipping {Path(root) / rel}: {meta['skip']}", MoleculeDataWarning, stacklevel=2)
+            continue
+        used.append(rel)
+        keys += [f"{rel}#{k + 1}" for k in range(meta["molecules"])]
+    if not used:
+        raise ValueError(f"no usable molecules in {root} ({len(synced.entries)} .sdf/.xyz files); expected SDF or XYZ "
+                         f"files of molecules with elements {','.join(ELEMENTS)}")
+    pos, z, counts = (synced.stack(name, used) for name in ("pos", "z", "counts"))
+    m = len(counts)
+    return FolderMolecules(
+        pos=pos, z=z, ptr=torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]),
+        properties=torch.zeros(m, len(PROPERTIES)), property_names=[p.name for p in PROPERTIES], smiles=[""] * m,
+        index=torch.arange(1, m + 1), keys=tuple(keys), version=synced.version)
