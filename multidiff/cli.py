@@ -168,7 +168,7 @@ def sample(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Run dir, checkpoint dir or .safetensors; default: the shipped one.")] = None,
     num: Annotated[Optional[int], typer.Option(help="How many samples (default: the recipe's sample.num).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps (grid intervals).")] = None,
-    sampler: Annotated[Optional[str], typer.Option(help="ancestral, ddim, euler, euler_maruyama, heun or dpmpp_2m.")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ancestral, ddim, euler, euler_maruyama, heun, dpmpp_2m or adaptive (picks its own steps; metrics get sampler_nfe).")] = None,
     grid: Annotated[Optional[str], typer.Option(help="Step grid: uniform, logsnr or karras.")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (1 = plain conditional); applied for t in sample.guidance_interval when the recipe sets one.")] = None,
     gradient_scale: Annotated[float, typer.Option(help="Gradient guidance toward the --condition targets through the domain's predictor (molecules: data.predictor); 0 = off.")] = 0.0,
@@ -224,9 +224,20 @@ def sample(
                 path.unlink(missing_ok=True)
 
         total = settings.steps * pipeline.num_sampler_calls(model, n)
+        used_nfe: dict[int, int] = {}  # per sampler call: the NFE a sampler that picks its own steps reports
+
         with _progress(progress, total, f"sampling {n} x {domain}") as cb:
+            def record(info, done=0):
+                if info.nfe is not None:
+                    used_nfe[done] = info.nfe
+                if cb is not None:
+                    cb(info, done)
+
             files, metrics = pipeline.sample_to_dir(model, n, conditions, settings, out, inpaint=inpaint, mask=mask,
-                                                    seed=seed, callback=cb, before_write=clear_earlier)
+                                                    seed=seed, callback=record, before_write=clear_earlier)
+        if used_nfe:  # --sampler adaptive: the network passes it chose, summed over its sampler calls
+            metrics["sampler_nfe"] = sum(used_nfe.values())
+            write_json(out / METRICS_FILE, metrics)
     except _user_errors() as e:
         _fail(str(e))
         return

@@ -37,7 +37,7 @@ ENTRY_POINT_GROUP = "multidiff.domains"
 class SampleConfig:
     """Defaults of ``multidiff sample``: sampler, grid, steps, guidance scale, how many and in what batches."""
 
-    sampler: Literal["ancestral", "ddim", "euler", "euler_maruyama", "heun", "dpmpp_2m"] = "dpmpp_2m"
+    sampler: Literal["ancestral", "ddim", "euler", "euler_maruyama", "heun", "dpmpp_2m", "adaptive"] = "dpmpp_2m"
     grid: Literal["uniform", "logsnr", "karras"] = "karras"
     steps: int = positive(25)
     guidance: float = 1.0

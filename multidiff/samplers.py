@@ -7,6 +7,8 @@ coordinates through ratios, so they stay finite where alpha(t) = 0 (the flow sch
 Nothing survives a call: no step counters, no solver history (cf. diffusers #6631, #8711).
 Categorical parts of the space (``multidiff.spaces.Categorical``) take the discrete jump of ``multidiff.categorical``
 in every sampler instead of the continuous update; the continuous parts are untouched by it.
+``adaptive`` uses only the grid's end points and picks its own steps for a tolerance (its NFE: ``StepInfo.nfe`` and
+the ``stats`` dict it fills).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ __all__ = [
     "sample_euler_maruyama",
     "sample_heun",
     "sample_dpmpp_2m",
+    "sample_adaptive",
     "prior",
     "sample",
     "nfe",
@@ -44,13 +47,15 @@ DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 
 @dataclass(frozen=True)
 class StepInfo:
-    """What a progress callback sees after each step."""
+    """What a progress callback sees after each step (``adaptive``: ``steps`` = accepted steps so far, ``nfe`` = the
+    denoiser evaluations spent so far; other samplers leave ``nfe`` None, see ``nfe()``)."""
 
     i: int
     steps: int
     t: float
     x: Tensor
     denoised: Tensor
+    nfe: int | None = None
 
 
 Callback = Callable[[StepInfo], None]
@@ -330,6 +335,135 @@ def sample_dpmpp_2m(
     return x
 
 
+def sample_adaptive(
+    denoise: DenoiseFn,
+    x: Tensor,
+    ts: Tensor,
+    schedule: Schedule,
+    space: Space | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    rtol: float = 0.003,
+    atol: float = 0.003,
+    h_init: float = 0.5,
+    max_nfe: int = 2000,
+    stats: dict[str, int] | None = None,
+) -> Tensor:
+    """Adaptive DPM-Solver-23 (Lu et al. 2022, Sec. 3.3) in data-prediction form: each step a 3rd-order singlestep
+    exponential-integrator solution (r1 = 1/3, r2 = 2/3) and an embedded 2nd-order one from the same 3 denoiser calls;
+    the step in lambda = log(alpha/sigma) is accepted when their difference meets ``rtol``/``atol`` and resized by
+    0.9 (1/E)^(1/3), from ts[0] to the grid's last time with sigma > 0, then the denoised value at sigma = 0.
+
+    With z = x / alpha and h = lambda_s - lambda_t, z_s = e^-h z_t + int_0^h e^-(h-v) denoised(lambda_t + v) dv; the
+    linear part is exact, so steps are long where the denoised value barely moves (high noise). E is, for the worst
+    sample, the RMS over its continuous entries of (z_3rd - z_2nd) / (atol + rtol max(|z_t|, |z_3rd|)); steps are
+    shared by the batch, so a sample's path depends on its batch-mates within the tolerance. Categorical parts stay
+    fixed within a step and take the jump from its start to its end with the denoised probabilities at its start.
+    ``stats`` (a dict) receives ``nfe``, ``accepted`` and ``rejected``; ``StepInfo.nfe`` the running NFE.
+    """
+    if not (rtol >= 0 and atol >= 0 and rtol + atol > 0):
+        raise ValueError(f"rtol, atol: expected >= 0 and not both 0, got rtol={rtol}, atol={atol}")
+    if not h_init > 0 or max_nfe < 1:
+        raise ValueError(f"h_init, max_nfe: expected > 0 and >= 1, got {h_init}, {max_nfe}")
+    run = _Run(denoise, x, ts, schedule, space)
+    counts = {"nfe": 0, "accepted": 0, "rejected": 0}
+    disc = run.discrete
+    end = run.steps if run.sigma[-1] > 0 else run.steps - 1  # last grid point with sigma > 0
+    t_of = lambda lam: schedule.t_from_logsnr(torch.tensor(2 * lam, dtype=torch.float64)).clamp(0.0, 1.0)  # noqa: E731
+
+    def native(z: Tensor, t: Tensor) -> Tensor:
+        """x = alpha z on the continuous parts; categorical parts are kept unscaled."""
+        x_n = float(schedule.alpha(t)) * z
+        for sl, _ in disc:
+            x_n[..., sl] = z[..., sl]
+        return x_n
+
+    def den(z: Tensor, t: Tensor) -> Tensor:
+        counts["nfe"] += 1
+        if counts["nfe"] > max_nfe:
+            raise FloatingPointError(f"adaptive: more than max_nfe={max_nfe} denoiser evaluations at t={float(t):.4g} "
+                                     f"(rtol={rtol}, atol={atol}); raise the tolerance or max_nfe")
+        return run.denoise(native(z, t), t, counts["accepted"])
+
+    def report(t: float, x_now: Tensor, d: Tensor) -> None:
+        if stats is not None:
+            stats.clear()
+            stats.update(counts)
+        if callback is not None:
+            callback(StepInfo(i=counts["accepted"] - 1, steps=counts["accepted"], t=t, x=x_now, denoised=d,
+                              nfe=counts["nfe"]))
+
+    start = 0
+    if run.alpha[0] <= 0:  # alpha = 0 (flow at t = 1): one DDIM step to ts[1], as every sampler's first step there
+        d = den(x, run.t(0))
+        x = run.advance(run.alpha[1] * d + run.sigma[1] * run.eps(x, d, 0), x, d, 0, generator)
+        counts["accepted"] += 1
+        start = 1
+        report(float(run.ts[1]), x, d)
+    z = x / run.alpha[start]
+    for sl, _ in disc:
+        z[..., sl] = x[..., sl]
+    lam = 0.5 * float(schedule.logsnr(run.ts[start]))
+    lam_end = 0.5 * float(schedule.logsnr(run.ts[end]))
+    t = run.t(start)
+    d: Tensor | None = None
+    h = h_init
+    r1, r2 = 1 / 3, 2 / 3
+    while start < end and lam < lam_end:
+        if d is None:
+            d = den(z, t)
+        last = h >= lam_end - lam
+        h = lam_end - lam if last else h
+        t1, t2 = t_of(lam + r1 * h), t_of(lam + r2 * h)
+        t_s = run.t(end) if last else t_of(lam + h)
+
+        def phi(step: float) -> tuple[float, float, float]:
+            """(e^-step, I0 = 1 - e^-step, I1 = step - I0): the exponential integrals of the data-prediction update."""
+            i0 = -math.expm1(-step)
+            return math.exp(-step), i0, step - i0
+
+        e1, a1, _ = phi(r1 * h)
+        z1 = e1 * z + a1 * d
+        d1 = den(z1, t1)
+        e2, a2, b2 = phi(r2 * h)
+        z2 = e2 * z + a2 * d + (b2 / (r1 * h)) * (d1 - d)
+        d2 = den(z2, t2)
+        e, a0, b0 = phi(h)
+        z_high = e * z + a0 * d + (b0 / (r2 * h)) * (d2 - d)  # DPM-Solver-3
+        err = (b0 / h) * ((d2 - d) / r2 - (d1 - d) / r1)  # z_high - z_low, z_low: DPM-Solver-2 (r1) from d1
+        for sl, _ in disc:
+            z_high[..., sl] = z[..., sl]
+            err[..., sl] = 0
+        scale = atol + rtol * torch.maximum(z.abs(), z_high.abs())
+        ratio = run.space.continuous_mean_per_sample((err / scale) ** 2).sqrt()
+        big = float(ratio.max()) if ratio.numel() else 0.0
+        if not math.isfinite(big):
+            raise FloatingPointError(f"adaptive: non-finite error estimate at t={float(t):.4g}")
+        if big <= 1.0:
+            if disc:
+                k_t, k_s = float(kappa(schedule, t)), float(kappa(schedule, t_s))
+                for sl, part in disc:
+                    z_high[..., sl] = jump(z[..., sl], d[..., sl], k_t, k_s, generator, part.batch)
+            z, lam, t, d_start, d = z_high, lam_end if last else lam + h, t_s, d, None
+            counts["accepted"] += 1
+            report(float(t), native(z, t), d_start)
+        else:
+            counts["rejected"] += 1
+        # the embedded estimate is 2nd order: error ~ h^3
+        h = h * min(5.0, max(0.2, 0.9 * (1.0 / max(big, 1e-10)) ** (1 / 3)))
+    x = native(z, t)
+    if end < run.steps:  # sigma = 0 at the grid's end: the denoised value, categorical parts to their argmax
+        d = den(z, t) if d is None else d
+        x = run.advance(d.clone(), x, d, end, generator)
+        counts["accepted"] += 1
+        report(0.0, x, d)
+    elif stats is not None:
+        stats.clear()
+        stats.update(counts)
+    return x
+
+
 SAMPLERS: dict[str, Sampler] = {
     "ancestral": sample_ancestral,
     "ddim": sample_ddim,
@@ -337,11 +471,12 @@ SAMPLERS: dict[str, Sampler] = {
     "euler_maruyama": sample_euler_maruyama,
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
+    "adaptive": sample_adaptive,
 }
 
 
 def get_sampler(name: str) -> Sampler:
-    """Sampler by name: 'ancestral', 'ddim', 'euler', 'euler_maruyama', 'heun', 'dpmpp_2m'."""
+    """Sampler by name: 'ancestral', 'ddim', 'euler', 'euler_maruyama', 'heun', 'dpmpp_2m', 'adaptive'."""
     try:
         return SAMPLERS[name]
     except KeyError:
@@ -351,6 +486,8 @@ def get_sampler(name: str) -> Sampler:
 def nfe(sampler: str, steps: int) -> int:
     """Denoiser evaluations a sampler spends on ``steps`` grid intervals (Heun skips its correction on the last one)."""
     get_sampler(sampler)
+    if sampler == "adaptive":
+        raise ValueError("sampler 'adaptive' picks its own steps: read its NFE from StepInfo.nfe or its stats dict")
     return 2 * steps - 1 if sampler == "heun" else steps
 
 
