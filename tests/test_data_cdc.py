@@ -99,6 +99,8 @@ def test_fsdd_source_and_multidiff_data_report_changes(tmp_path: Path, monkeypat
     s2 = dom.prepare_data(cfg)
     assert (s2["changes"]["added"], s2["changes"]["removed"], s2["changes"]["unchanged"]) == (1, 1, 5)
     assert s2["changes"]["added_files"] == ["1_spk_9.wav"] and s2["train"]["per_class"]["one"] == 2
+    s3 = dom.prepare_data(cfg)  # unchanged: the counts stored for this data version, nothing decoded or recounted
+    assert s3["changes"]["unchanged"] == 6 and {k: s3[k] for k in ("train", "test")} == {k: s2[k] for k in ("train", "test")}
     train = dom.build_dataset(cfg, "train")
     assert train.data_version == s2["changes"]["data_version"] != s1["changes"]["data_version"]
 

@@ -200,6 +200,44 @@ def _clip_headers(data: AudioData, split: str, synced: Any) -> Any:
     return adata.load_folder(root, sr, sec, cache=synced, headers_only=True)
 
 
+COUNTS_FILE = "counts.json"
+
+
+def _counts_memo(data: AudioData, synced: Any) -> dict[str, Any]:
+    """The split counts ``multidiff data`` stored for this cache, and the key they must match: the data version, the
+    source and class names, and for Speech Commands the stat of its split lists (which are not audio files)."""
+    parts: list[Any] = [synced.version, data.source, data.class_names]
+    if data.source == "speechcommands":
+        root = _need_root(data)
+        for name in ("validation_list.txt", "testing_list.txt"):
+            st = (root / name).stat() if (root / name).is_file() else None
+            parts.append(None if st is None else [st.st_size, st.st_mtime_ns])
+    if data.source == "folder":  # label folders with no usable clip still count as classes
+        root = _need_root(data)
+        parts.append(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    want = json.dumps(parts, sort_keys=True)
+    try:
+        stored = json.loads((synced.cache.directory / COUNTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stored = {}
+    return {**(stored if isinstance(stored, dict) else {}), "want": want}
+
+
+def _store_counts(synced: Any, key: str, counts: dict[str, Any]) -> None:
+    """Keep the split counts of this data version beside the cache (atomically; a failure only costs a recount)."""
+    import os
+    import tempfile
+
+    path = synced.cache.directory / COUNTS_FILE
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".counts-", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"key": key, "counts": counts}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def _sync_source(data: AudioData) -> Any:
     """Sync the prepared-data cache of a file source (fsdd, speechcommands, folder) with its folder."""
     import warnings
@@ -475,13 +513,19 @@ class AudioDomain(Domain):
             summary["root"] = d.root
             synced = _sync_source(d)  # change data capture: only added / changed files are processed
             summary["changes"] = synced.changes
+            memo = _counts_memo(d, synced)
+            if memo.get("key") == memo["want"]:  # same content, same split rules: the counts are the ones stored
+                return {**summary, **memo["counts"]}
+        counts_by_split: dict[str, Any] = {}
         for split in splits:
             clips = load_clips(d, "train" if split == "all" else split) if d.source == "digits" else \
                 _clip_headers(d, "train" if split == "all" else split, synced)
             counts = torch.bincount(clips.labels, minlength=len(clips.class_names)).tolist()
-            summary[split] = {"clips": len(clips), "groups": len(set(clips.groups)),
-                              "per_class": dict(zip(clips.class_names, counts))}
-        return summary
+            counts_by_split[split] = {"clips": len(clips), "groups": len(set(clips.groups)),
+                                      "per_class": dict(zip(clips.class_names, counts))}
+        if d.source != "digits":
+            _store_counts(synced, memo["want"], counts_by_split)
+        return {**summary, **counts_by_split}
 
     # --- sampling --------------------------------------------------------------------------------
     def _label(self, value: str, names: list[str]) -> int:
