@@ -19,9 +19,9 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), load1 {load:.1f}")
 
 
-def emit(what: str, setting: dict[str, Any], number: float | None, unit: str) -> dict[str, Any]:
-    """Print (and return) one result as a JSON line: what, setting, number, unit, machine."""
-    rec = {"what": what, "setting": setting, "number": None if number is None else round(float(number), 5),
+def emit(what: str, setting: dict[str, Any] | str, number: float | None, unit: str, digits: int = 5) -> dict[str, Any]:
+    """Print (and return) one result as a JSON line: what, setting, number (rounded to ``digits``), unit, machine."""
+    rec = {"what": what, "setting": setting, "number": None if number is None else round(float(number), digits),
            "unit": unit, "machine": machine()}
     print(json.dumps(rec), flush=True)
     return rec

@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -48,22 +45,10 @@ if str(ROOT) not in sys.path:
 from domains.audio.domain import DEFAULT_CLASSIFIER, load_any_classifier, load_clips  # noqa: E402
 from domains.audio.metrics import line_prominence_db, reference_row  # noqa: E402
 from multidiff import pipeline  # noqa: E402
+from bench._common import emit  # noqa: E402
 
 METRICS = (("cond_acc", "fraction"), ("fid", "FID"), ("is", "IS"), ("mis", "mIS"), ("am", "AM"),
            ("ndb_k", "NDB/K"), ("ndb", "bins"))
-
-
-def machine() -> str:
-    """A short description of where the numbers were measured, with the current load."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), load1 {load:.1f}")
-
-
-def emit(what: str, setting: dict, number: float, unit: str) -> None:
-    """One JSON line per result."""
-    print(json.dumps({"what": what, "setting": setting, "number": round(float(number), 5), "unit": unit,
-                      "machine": machine()}), flush=True)
 
 
 def emit_row(row: str, metrics: dict, setting: dict) -> None:

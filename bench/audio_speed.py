@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ if str(ROOT) not in sys.path:
 from multidiff import pipeline  # noqa: E402
 from multidiff.registry import get_domain  # noqa: E402
 from multidiff.samplers import nfe  # noqa: E402
+from bench._common import emit  # noqa: E402
 
 MALLOC_TUNED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 SAMPLERS = ("dpmpp_2m", "heun", "ddim", "ancestral")
@@ -54,20 +54,6 @@ def malloc_name() -> str:
     """Which glibc malloc settings this process runs with."""
     env = os.environ.get("GLIBC_TUNABLES")
     return "default" if not env else ("tuned" if env == MALLOC_TUNED else f"GLIBC_TUNABLES={env}")
-
-
-def machine() -> str:
-    """A short description of where the numbers were measured, with the current load."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), load1 {load:.1f}")
-
-
-def emit(what: str, setting: dict, number: float, unit: str) -> dict:
-    """One JSON line per result (also returned, for the malloc ratios)."""
-    rec = {"what": what, "setting": setting, "number": round(number, 5), "unit": unit, "machine": machine()}
-    print(json.dumps(rec), flush=True)
-    return rec
 
 
 def csv(kind: type, text: str) -> list:

@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.molecules_sampling import DEFAULT_CHECKPOINT, QUALITY, emit  # noqa: E402
+from bench._common import emit  # noqa: E402
+from bench.molecules_sampling import DEFAULT_CHECKPOINT, QUALITY  # noqa: E402
 from domains.molecules.constants import PROPERTY_UNITS  # noqa: E402
 from domains.molecules.data import PropertyGivenN  # noqa: E402
 from domains.molecules.metrics import evaluate_molecules  # noqa: E402

@@ -28,9 +28,6 @@ grid (1000 molecules x 1425 steps per sampler, Heun twice the NFE) takes hours o
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -44,24 +41,12 @@ sys.path.insert(0, str(ROOT))
 from domains.molecules.metrics import evaluate_molecules  # noqa: E402
 from multidiff.pipeline import LoadedModel, generate, load_model  # noqa: E402
 from multidiff.samplers import nfe  # noqa: E402
+from bench._common import emit  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "data" / "checkpoints" / "molecules.safetensors"
 STEPS = (25, 50, 100, 250, 1000)
 SAMPLERS = ("heun", "dpmpp_2m", "ancestral")
 QUALITY = ("atom_stability", "mol_stability", "validity", "uniqueness", "valid_x_unique")
-
-
-def machine() -> str:
-    """A short description of where the numbers were measured (with the current load)."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), load1 {load:.1f}")
-
-
-def emit(what: str, setting: dict, number: float, unit: str) -> None:
-    """One JSON line per result."""
-    print(json.dumps({"what": what, "setting": setting, "number": round(number, 5), "unit": unit, "machine": machine()}),
-          flush=True)
 
 
 def sample_quality(model: LoadedModel, num: int, sampler: str, steps: int, *, batch: int = 100,

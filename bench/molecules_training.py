@@ -68,7 +68,8 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from molecules_sampling import emit, emit_quality, sample_quality  # noqa: E402  (also puts the repo root on sys.path)
+from _common import emit  # noqa: E402
+from molecules_sampling import emit_quality, sample_quality  # noqa: E402  (also puts the repo root on sys.path)
 
 MALLOC_TUNED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 

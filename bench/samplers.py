@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,18 +26,11 @@ from multidiff.demo import demo_mixture
 from multidiff.samplers import SAMPLERS, get_sampler, nfe, prior
 from multidiff.schedules import get_schedule, make_grid
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit  # noqa: E402
+
 NFES = (5, 10, 20, 50, 100)
 DETERMINISTIC = ("ddim", "euler", "heun", "dpmpp_2m")
-
-
-def machine() -> str:
-    """A short description of where the numbers were measured."""
-    return f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
-def emit(what: str, setting: dict, number: float, unit: str) -> None:
-    """One JSON line per result."""
-    print(json.dumps({"what": what, "setting": setting, "number": round(number, 5), "unit": unit, "machine": machine()}), flush=True)
 
 
 def steps_for(name: str, budget: int) -> int:

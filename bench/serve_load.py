@@ -13,9 +13,6 @@ budget or time budget is spent. Numbers, one JSON line each (``{"what", "setting
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import signal
 import socket
 import subprocess
@@ -28,17 +25,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def machine() -> str:
-    """The machine the numbers were measured on."""
-    import torch
-
-    return f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
-def emit(what: str, setting: str, number: float, unit: str) -> None:
-    print(json.dumps({"what": what, "setting": setting, "number": round(number, 4), "unit": unit, "machine": machine()}),
-          flush=True)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit  # noqa: E402
 
 
 def free_port() -> int:
@@ -138,12 +126,12 @@ def main() -> None:
                 calls, batched = metric(url, "multidiff_batch_samples_count"), metric(url, "multidiff_batch_samples_sum")
                 wall, lat, samples = load(url, args, clients)
                 setting = f"{args.domain} steps={args.steps} clients={clients} max_batch={max_batch} max_wait_ms={args.max_wait_ms:g}"
-                emit("serve_throughput", setting, samples / wall, "samples/s")
-                emit("serve_latency_p50", setting, percentile(lat, 50), "s")
-                emit("serve_latency_p99", setting, percentile(lat, 99), "s")
+                emit("serve_throughput", setting, samples / wall, "samples/s", digits=4)
+                emit("serve_latency_p50", setting, percentile(lat, 50), "s", digits=4)
+                emit("serve_latency_p99", setting, percentile(lat, 99), "s", digits=4)
                 calls = metric(url, "multidiff_batch_samples_count") - calls
                 emit("serve_batch_mean", setting, (metric(url, "multidiff_batch_samples_sum") - batched) / max(calls, 1),
-                     "samples/call")
+                     "samples/call", digits=4)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -90,15 +89,6 @@ def worker(args: argparse.Namespace) -> None:
     }))
 
 
-def machine() -> str:
-    """A short description of this machine and its current load."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    import torch
-
-    return (f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"python {platform.python_version()}, load1 {load:.1f}")
-
-
 def run(seconds: float, ckpt_every: int, nproc: int, threads: int, malloc: str | None,
         log_every: int) -> dict[str, float]:
     """Run one worker configuration in fresh process(es) and return its result."""
@@ -142,9 +132,11 @@ def main() -> None:
         worker(args)
         return
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import emit as emit_json
+
     def emit(what: str, setting: str, number: float, unit: str) -> None:
-        print(json.dumps({"what": what, "setting": setting, "number": round(number, 3), "unit": unit,
-                          "machine": machine()}), flush=True)
+        emit_json(what, setting, number, unit, digits=3)
 
     def best(**kw: object) -> dict[str, float]:
         runs = [run(seconds=args.seconds, log_every=args.log_every, **kw)  # type: ignore[arg-type]
