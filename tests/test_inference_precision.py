@@ -1,0 +1,112 @@
+"""Cheaper inference (``multidiff.inference``, ``multidiff sample --precision``): the bf16 and int8 paths run and stay
+within a stated tolerance of fp32 on a fixed input; fallbacks are said once; bad settings are named."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from multidiff import inference, pipeline
+from multidiff.diffusion import Denoiser
+from multidiff.inference import PrecisionWarning, set_precision
+from multidiff.toy import ToyMLP
+
+AUDIO = Path(__file__).resolve().parents[1] / "data" / "checkpoints" / "audio.safetensors"
+# RMS(out - out_fp32) / RMS(out_fp32) allowed; measured: toy denoised 8.6e-4 (bf16) / 4.5e-3 (int8); shipped audio
+# U-Net output F at t = 0.3 / 0.7: 5.1e-3 / 6.6e-3 (bf16), 2.6e-2 / 1.4e-2 (int8)
+TOL = {"toy": {"bf16": 1e-2, "int8": 2e-2}, "audio": {"bf16": 2e-2, "int8": 6e-2}}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
+
+
+def _toy() -> Denoiser:
+    torch.manual_seed(0)
+    return Denoiser(ToyMLP(8), "cosine").eval()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_toy_denoiser_within_tolerance_of_fp32(precision: str, monkeypatch) -> None:
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)  # the arithmetic is checked on any CPU
+    x = torch.randn(256, 2, generator=torch.Generator().manual_seed(1)) * 2
+    t = torch.full((256,), 0.5)
+    den = _toy()
+    assert set_precision(den, precision) == precision
+    with torch.no_grad():
+        assert _rel(den(x, t), _toy()(x, t)) < TOL["toy"][precision]
+        assert den(x, t).dtype == torch.float32
+
+
+@pytest.mark.skipif(not AUDIO.is_file(), reason="shipped audio checkpoint absent")
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_shipped_audio_network_within_tolerance_of_fp32(precision: str, monkeypatch) -> None:
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
+    x = torch.randn(2, 1, 16000, generator=torch.Generator().manual_seed(2))
+    cond = {"label": torch.tensor([3, 7])}
+    ref, low = pipeline.load_model(AUDIO).denoiser, pipeline.load_model(AUDIO).denoiser
+    set_precision(low, precision)
+    with torch.no_grad():
+        for t in (0.3, 0.7):
+            f_ref = ref._denoise(x, torch.tensor(t), cond, None)[1]
+            assert _rel(low._denoise(x, torch.tensor(t), cond, None)[1], f_ref) < TOL["audio"][precision], t
+
+
+def test_bf16_without_native_support_falls_back_to_fp32_saying_so_once(monkeypatch) -> None:
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(inference, "_said", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dens = [_toy(), _toy()]
+        assert [set_precision(d, "bf16") for d in dens] == ["fp32", "fp32"]
+    said = [w for w in caught if issubclass(w.category, PrecisionWarning)]
+    assert len(said) == 1 and "AVX-512 BF16" in str(said[0].message) and "fp32" in str(said[0].message)
+    x, t = torch.randn(8, 2), torch.full((8,), 0.5)
+    with torch.no_grad():
+        assert torch.equal(dens[0](x, t), _toy()(x, t))
+
+
+def test_bad_settings_are_named(monkeypatch) -> None:
+    with pytest.raises(ValueError, match="--precision.*fp16"):
+        set_precision(_toy(), "fp16")
+    with pytest.raises(ValueError, match="int8.*CPU only"):
+        set_precision(_toy(), "int8", "cuda")
+
+    class Conv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(1, 1, 3, padding=1)
+
+        def forward(self, x, c_noise, cond=None):
+            return self.conv(x)
+
+    monkeypatch.setattr(inference, "_said", set())
+    with pytest.warns(PrecisionWarning, match="no nn.Linear"):
+        assert set_precision(Denoiser(Conv(), "cosine"), "int8") == "fp32"
+    den = _toy()
+    set_precision(den, "int8")
+    with pytest.raises(ValueError, match="already runs in int8"):
+        set_precision(den, "bf16")
+
+
+def test_cli_sample_with_precision(tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MULTIDIFF_MALLOC": "system", "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "multidiff.cli", *a], capture_output=True, text=True,  # noqa: E731
+                                    env=env, timeout=600)
+    p = run("train", "toy", "train.steps=20", "train.ckpt_every=20", "--out", str(tmp_path / "run"), "--no-progress")
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run("sample", "toy", "--checkpoint", str(tmp_path / "run"), "--num", "8", "--precision", "int8",
+            "--out", str(tmp_path / "s"), "--no-progress")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["metrics"]["precision"] == "int8"
+    p = run("sample", "toy", "--checkpoint", str(tmp_path / "run"), "--precision", "fp8", "--out", str(tmp_path / "b"))
+    assert p.returncode != 0 and "--precision" in p.stderr and "fp8" in p.stderr
