@@ -375,6 +375,41 @@ def evaluate(
 
 
 @app.command()
+def distill(
+    domain: DomainArg,
+    checkpoint: Annotated[Path, typer.Option(help="The teacher: run dir, checkpoint dir or .safetensors of DOMAIN.")],
+    steps: Annotated[int, typer.Option(help="The student's DDIM steps (one network pass each; guidance distilled in).")] = 4,
+    out: Annotated[Path, typer.Option(help="Run directory for the student checkpoint.")] = Path("runs/distilled"),
+    rounds: Annotated[Optional[int], typer.Option(help="Halvings (default: teacher grid >= the checkpoint's sample.steps).")] = None,
+    iters: Annotated[int, typer.Option(help="Training iterations per halving.")] = 300,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
+    batch_size: Annotated[Optional[int], typer.Option(help="Default: the checkpoint's train.batch_size.")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Teacher CFG scale to distil in (default: the checkpoint's sample.guidance).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Progressive distillation (Salimans & Ho 2022) of a checkpoint into a few-step student with CFG distilled in;
+    the student is an ordinary checkpoint (`multidiff sample DOMAIN --checkpoint RUN` samples it with its own steps).
+
+    Example: `multidiff distill toy --checkpoint runs/toy --steps 2 --out runs/toy-2step`.
+    """
+    from . import pipeline
+    from .distill import distill as run_distill
+
+    try:
+        model = pipeline.load_model(checkpoint, device=_resolve_device(device))
+        if model.domain.name != domain:
+            raise ValueError(f"--checkpoint {checkpoint}: this checkpoint is for domain {model.domain.name!r}, "
+                             f"not {domain!r}; distil it with `multidiff distill {model.domain.name} ...`")
+        path = run_distill(model, steps, out, rounds=rounds, iters=iters, batch_size=batch_size, lr=lr,
+                           guidance=guidance, seed=seed, log=lambda rec: print(dumps_json(rec), file=sys.stderr))
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    print(dumps_json({"out": str(out), "checkpoint": str(path), "steps": steps}))
+
+
+@app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Run dir, checkpoint dir or .safetensors file.")],
     out: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],

@@ -1,0 +1,145 @@
+"""Progressive distillation (Salimans & Ho 2022, Algorithm 2) with classifier-free guidance distilled in (Meng et al.
+2023): a student that samples in ``steps`` DDIM steps, one network pass per step, saved as an ordinary checkpoint.
+
+The student's grid is the sampling grid ``make_grid(schedule, steps, grid)``; round r's teacher grid refines every
+interval of the student's by its logSNR midpoint (the last interval to sigma = 0 stays whole), so after R rounds the
+original model is the teacher on a grid of about steps * 2^R points. Each round the student (initialised from the
+teacher) learns, for x_t = alpha_t x0 + sigma_t n on one of its grid points, the x0 that takes one DDIM step t -> s to
+where two deterministic teacher DDIM steps t -> mid -> s land:
+    x~ = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - sigma_s alpha_t / sigma_t)   (x~ = the teacher's x0 when s = 0),
+weighted by max(SNR_t, 1) ("truncated SNR"). The first teacher is guided (scale w, two passes), the students are not:
+their checkpoint says ``sample.sampler=ddim``, ``sample.steps``, ``sample.guidance=1``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .checkpoint import save_checkpoint
+from .config import config_to_dict
+from .guidance import ClassifierFreeGuidance
+from .schedules import Schedule, make_grid
+
+__all__ = ["refine_grid", "distill"]
+
+
+def refine_grid(schedule: Schedule, ts: Tensor) -> Tensor:
+    """Insert the logSNR midpoint into every interval of ``ts`` that ends at sigma > 0."""
+    out = [float(ts[0])]
+    lam = schedule.logsnr(ts.to(torch.float64))
+    for i in range(ts.numel() - 1):
+        if float(schedule.sigma(ts[i + 1].to(torch.float64))) > 0 and math.isfinite(float(lam[i])):
+            out.append(float(schedule.t_from_logsnr(0.5 * (lam[i] + lam[i + 1]))))
+        out.append(float(ts[i + 1]))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _ddim(x: Tensor, d: Tensor, a_t: float, s_t: float, a_s: float, s_s: float) -> Tensor:
+    return a_s * d + (s_s / s_t) * (x - a_t * d)
+
+
+def distill(
+    model: Any,
+    steps: int,
+    out: Path | str,
+    *,
+    rounds: int | None = None,
+    iters: int = 300,
+    batch_size: int | None = None,
+    lr: float = 1e-4,
+    guidance: float | None = None,
+    grid: str | None = None,
+    seed: int = 0,
+    log: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Distil ``model`` (a ``pipeline.LoadedModel``) into a ``steps``-step DDIM student written to ``out`` as a run
+    directory; ``rounds`` halvings (default: teacher grid of >= the checkpoint's sample.steps), ``iters`` per round."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"--steps: expected an integer >= 1, got {steps!r}")
+    if iters < 1 or lr <= 0:
+        raise ValueError(f"iters, lr: expected >= 1 and > 0, got {iters}, {lr}")
+    dom, cfg, teacher = model.domain, model.cfg, model.denoiser
+    schedule = teacher.schedule
+    grid = grid or cfg.sample.grid
+    w = float(cfg.sample.guidance if guidance is None else guidance)
+    if rounds is None:
+        rounds = max(1, math.ceil(math.log2(max(cfg.sample.steps, 2 * steps) / steps)))
+    grids = [make_grid(schedule, steps, grid)]
+    for _ in range(rounds):
+        grids.append(refine_grid(schedule, grids[-1]))
+    dataset = dom.build_dataset(cfg, "train")
+    bs = batch_size or cfg.train.batch_size
+    gen = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=bs, shuffle=True, drop_last=len(dataset) >= bs,
+                                         collate_fn=dom.collate, generator=gen)
+    batches = iter(loader)
+
+    def next_batch() -> Any:
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            return next(batches)
+
+    device = next(teacher.parameters()).device
+    current = teacher.eval().requires_grad_(False)
+    for r in range(rounds):
+        coarse, fine = grids[rounds - 1 - r], grids[rounds - r]  # student grid, teacher grid (refined)
+        guided = r == 0 and w != 1.0
+        student = copy.deepcopy(current).train().requires_grad_(True)
+        opt = torch.optim.Adam(student.parameters(), lr=lr)
+        for it in range(iters):
+            batch = next_batch()
+            x0, cond, kwargs = dom.unpack(batch)
+            x0, space = x0.to(device), dom.space(batch)
+            if space.discrete_parts():
+                raise ValueError("distill: categorical parts (spaces.Categorical) are not supported by progressive "
+                                 "distillation here")
+            num = space.num_samples if space.num_samples is not None else x0.shape[0]
+            j = torch.randint(coarse.numel() - 1, (), generator=gen).item()  # one grid interval per batch
+            t, s = coarse[j], coarse[j + 1]
+            a_t, s_t = float(schedule.alpha(t)), float(schedule.sigma(t))
+            a_s, s_s = float(schedule.alpha(s)), float(schedule.sigma(s))
+            z_t = (a_t * space.project(x0) + s_t * teacher.kernel.noise(x0, space, gen)).to(x0.dtype)
+
+            def teach(x: Tensor, tt: Tensor) -> Tensor:
+                fn = lambda xx, ttt, c: current(xx, ttt, c, space=space, **kwargs)  # noqa: E731
+                if guided and cond is not None:
+                    return ClassifierFreeGuidance(fn, cond, w, num_samples=num, batched=False)(x, tt)
+                return fn(x, tt, cond)
+
+            with torch.no_grad():
+                if s_s == 0:
+                    target = teach(z_t, t)
+                else:
+                    k = int(torch.nonzero(fine == t)[0])  # t -> fine[k + 1] (the midpoint) -> s
+                    m = fine[k + 1]
+                    a_m, s_m = float(schedule.alpha(m)), float(schedule.sigma(m))
+                    z_m = _ddim(z_t, teach(z_t, t), a_t, s_t, a_m, s_m)
+                    z_s = _ddim(z_m, teach(z_m, m), a_m, s_m, a_s, s_s) if fine[k + 2] == s else z_m
+                    target = (z_s - (s_s / s_t) * z_t) / (a_s - s_s * a_t / s_t)
+            pred = student(z_t, t, cond, space=space, **kwargs)
+            weight = max(math.exp(float(schedule.logsnr(t))), 1.0)
+            loss = weight * space.continuous_mean_per_sample((pred.double() - target.double()) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if log is not None and (it + 1) % max(1, iters // 5) == 0:
+                log({"round": r + 1, "rounds": rounds, "student_steps": coarse.numel() - 1, "iter": it + 1,
+                     "loss": float(loss)})
+        current = student.eval().requires_grad_(False)
+    student_cfg = copy.deepcopy(cfg)
+    student_cfg.sample.sampler, student_cfg.sample.steps = "ddim", steps
+    student_cfg.sample.grid, student_cfg.sample.guidance = grid, 1.0
+    student_cfg.sample.guidance_interval = None
+    out = Path(out)
+    meta = {"distilled_from": str(model.path), "distill": {"steps": steps, "rounds": rounds, "iters": iters,
+                                                           "guidance": w, "grid": grid}}
+    return save_checkpoint(out, rounds * iters, current.state_dict(), None, {}, config_to_dict(student_cfg), meta)
