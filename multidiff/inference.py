@@ -65,5 +65,8 @@ def set_precision(denoiser: Denoiser, precision: str, device: torch.device | str
             with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice (torchao is its successor)
                 warnings.simplefilter("ignore", DeprecationWarning)
                 denoiser.backbone = torch.ao.quantization.quantize_dynamic(backbone, {nn.Linear}, dtype=torch.qint8)
+            if next(denoiser.parameters(), None) is None:  # all-linear backbone: packed int8 weights are no Parameters,
+                # and callers find the model's device as next(parameters()).device
+                denoiser.register_parameter("device_anchor", nn.Parameter(torch.zeros(0), requires_grad=False))
     denoiser.precision = used  # type: ignore[assignment]
     return used

@@ -87,6 +87,17 @@ def test_bad_settings_are_named(monkeypatch) -> None:
     monkeypatch.setattr(inference, "_said", set())
     with pytest.warns(PrecisionWarning, match="no nn.Linear"):
         assert set_precision(Denoiser(Conv(), "cosine"), "int8") == "fp32"
+    class Mlp(nn.Module):  # only linear layers: after quantization it has no nn.Parameter left
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x, c_noise, cond=None):
+            return self.lin(x)
+
+    mlp = Denoiser(Mlp(), "cosine")
+    set_precision(mlp, "int8")
+    assert next(mlp.parameters()).device.type == "cpu"
     den = _toy()
     set_precision(den, "int8")
     with pytest.raises(ValueError, match="already runs in int8"):
