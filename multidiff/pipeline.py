@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .checkpoint import load_checkpoint_for_sampling
 from .config import ConfigError, config_from_dict, config_to_dict, load_config
 from .files import write_json
-from .diffusion import Denoiser
+from .diffusion import Denoiser, SelfConditioning
 from .guidance import ClassifierFreeGuidance, GradientGuidance, Inpaint
 from .registry import Domain, SampleRequest, get_domain, run_config_class
 from .samplers import StepInfo, get_sampler, prior
@@ -71,8 +71,8 @@ def load_run_config(domain: Domain, recipe: str | Path | None = None, overrides:
 
 
 def build_denoiser(domain: Domain, cfg: Any) -> Denoiser:
-    """Backbone from the domain, wrapped with the configured schedule / target / weighting."""
-    return Denoiser.from_config(domain.build_backbone(cfg), cfg.diffusion)
+    """Backbone from the domain, wrapped with the configured schedule / target / weighting / coupling."""
+    return Denoiser.from_config(domain.build_backbone(cfg), cfg.diffusion, coupling=domain.coupling(cfg))
 
 
 class TrainingModule(nn.Module):
@@ -167,8 +167,12 @@ def generate(
     device = next(den.parameters()).device
     space, kwargs = request.space, request.kwargs
 
-    def cond_denoise(x: Tensor, t: Tensor, cond: dict[str, Tensor] | None) -> Tensor:
-        return den(x, t, cond, space=space, **kwargs)
+    def cond_denoise(x: Tensor, t: Tensor, cond: dict[str, Tensor] | None, **extra: Any) -> Tensor:
+        return den(x, t, cond, space=space, **kwargs, **extra)
+
+    self_cond = SelfConditioning(cond_denoise) if den.self_condition > 0 else None
+    if self_cond is not None:
+        cond_denoise = self_cond  # type: ignore[assignment]
 
     if guidance != 1.0 and request.cond is not None:
         denoise = ClassifierFreeGuidance(cond_denoise, request.cond, guidance, num_samples=space.num_samples,
@@ -180,6 +184,9 @@ def generate(
         log_prob = model.domain.guidance_log_prob(model.cfg, request)
         denoise = GradientGuidance(denoise, log_prob, schedule, gradient_scale, space=space, through_denoiser=True,
                                    temper=True, clip=model.domain.guidance_clip)
+    if self_cond is not None:
+        guided = denoise
+        denoise = lambda x, t: self_cond.update(guided(x, t))  # noqa: E731
     fn = get_sampler(sampler)
     den.kernel.check_sampler(sampler, opts)  # PFGM++ refuses samplers that inject Gaussian noise
     ts = make_grid(schedule, steps, grid)
