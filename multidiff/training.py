@@ -676,6 +676,7 @@ class Trainer:
         """Restore weights, EMA, optimizer, schedule, RNG and data position; returns (step, elapsed_s, position)."""
         model_state, ema_state, saved_config, _meta = ckpt_io.load_weights(ckpt_dir / ckpt_io.WEIGHTS_FILE)
         state = ckpt_io.load_training_state(ckpt_dir)
+        _check_shapes(ckpt_dir, model_state, self.model, _changed_keys(saved_config, self.run_config))
         self.model.load_state_dict(model_state)
         self.ema.module.load_state_dict(ema_state if ema_state is not None else model_state)
         self.ema.n_averaged.fill_(int(state["ema_n_averaged"]))
@@ -723,6 +724,20 @@ class Trainer:
             config=self.run_config,
             extra_meta={"torch_version": torch.__version__},
             keep=self.cfg.keep_checkpoints,
+        )
+
+
+def _check_shapes(ckpt_dir: Path, saved: Mapping[str, Tensor], model: nn.Module, changed: list[str]) -> None:
+    """Refuse to resume weights whose shapes the current config (or data) no longer matches, naming what differs."""
+    own = model.state_dict()
+    diffs = [f"{k}: saved {list(v.shape)}, now {list(own[k].shape)}" for k, v in saved.items()
+             if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if diffs:
+        raise ValueError(
+            f"cannot resume {ckpt_dir}: the model built from the current config and data has other shapes "
+            f"({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}); config keys that changed: "
+            f"{', '.join(changed) or 'none'}. A data set with a new label or a changed model size needs a new run "
+            f"(--out elsewhere), not --resume"
         )
 
 

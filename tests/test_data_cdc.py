@@ -130,6 +130,29 @@ def test_resume_on_a_changed_data_set_records_the_new_data_version(tmp_path: Pat
     assert start["data_version"] != resume["data_version"] == load(root).version
 
 
+def test_resume_on_a_data_set_with_a_new_label_names_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from multidiff import pipeline
+    from multidiff.registry import get_domain
+
+    root = make_folder(tmp_path / "clips")
+    monkeypatch.setenv("MULTIDIFF_CACHE", str(tmp_path / "cache"))
+    dom = get_domain("audio")
+    base = [f"data.root={root}", "data.source=folder", f"data.sample_rate={SR}", "data.seconds=0.32", "data.max_shift=0",
+            "model.channels=8", "model.multipliers=[1,2]", "model.factors=[1,2]", "model.blocks=[1,1]", "model.patch=8",
+            "model.full_rate_channels=0", "train.batch_size=4", "train.ckpt_every=2", "train.log_every=1"]
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", adata.AudioDataWarning)
+        pipeline.train(dom, pipeline.load_run_config(dom, "fast", [*base, "train.steps=2"]), run, device="cpu",
+                       progress=False)
+        before = sorted(p.name for p in (run / "checkpoints").iterdir())
+        change(root, new_label=True)  # label "d" appears: the class embedding (labels + CFG's null row) grows 4 -> 5
+        with pytest.raises(ValueError, match=r"cannot resume .*label_emb.*\[4, .*now \[5, .*data\.class_names.*new run"):
+            pipeline.train(dom, pipeline.load_run_config(dom, "fast", [*base, "train.steps=4"]), run, resume=True,
+                           device="cpu", progress=False)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing written over
+
+
 def test_watch_keeps_the_cache_in_sync_and_stops_by_itself(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "clips")
     env = {**os.environ, "MULTIDIFF_CACHE": str(tmp_path / "cache"), "MULTIDIFF_MALLOC": "system", "OMP_NUM_THREADS": "1"}
