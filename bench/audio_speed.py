@@ -66,7 +66,7 @@ def measure(a: argparse.Namespace) -> list[dict]:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     domain = get_domain("audio")
-    cfg = pipeline.load_run_config(domain, a.recipe, a.overrides)
+    cfg = domain.resolve(pipeline.load_run_config(domain, a.recipe, a.overrides))
     den = pipeline.build_denoiser(domain, cfg)
     params = sum(p.numel() for p in den.parameters())
     seconds, sr = cfg.data.seconds, cfg.data.sample_rate
@@ -107,7 +107,8 @@ def measure(a: argparse.Namespace) -> list[dict]:
     if a.train_data == "real":
         ds = domain.build_dataset(cfg, "train")
         perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
-        batches = [domain.collate([ds[int(i)] for i in perm[k * bs:(k + 1) * bs]])
+        collate = domain.collate_fn(cfg)
+        batches = [collate([ds[int(i)] for i in perm[k * bs:(k + 1) * bs]])
                    for k in range(max(1, min(a.train_steps + 1, len(ds) // bs)))]
     else:
         g = torch.Generator().manual_seed(0)

@@ -3,7 +3,7 @@ and the sample quality of given checkpoints (e.g. the runs after 1 h and 3 h of 
 
 Speed: the recipe (``--recipe``, default ``fast``; plus dotted ``--set`` overrides) is built as ``multidiff train``
 builds it: ``registry.get_domain("molecules")``, ``pipeline.load_run_config``, ``pipeline.build_denoiser``, a
-DataLoader over ``domain.build_dataset(cfg, "train")`` with ``domain.collate`` (shuffled, batch
+DataLoader over ``domain.build_dataset(cfg, "train")`` with ``domain.collate_fn(cfg)`` (shuffled, batch
 ``train.batch_size``), and per step ``domain.loss(denoiser, batch)``, backward, gradient clipping at
 ``train.grad_clip`` and ``torch.optim.AdamW`` (``train.lr`` / ``betas`` / ``weight_decay``). No EMA, LR schedule,
 logging or checkpoints: this is the model + data cost alone. ``--warmup`` steps (default 10) run first and are not
@@ -98,12 +98,12 @@ def measure(recipe: str, overrides: list[str], steps: int, warmup: int) -> dict[
     from multidiff.training import with_precision
 
     domain = get_domain("molecules")
-    cfg = load_run_config(domain, recipe, overrides)
+    cfg = domain.resolve(load_run_config(domain, recipe, overrides))
     tc = cfg.train
     torch.manual_seed(tc.seed)
     denoiser = build_denoiser(domain, cfg).train()
     dataset = domain.build_dataset(cfg, "train")
-    loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, collate_fn=domain.collate,
+    loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, collate_fn=domain.collate_fn(cfg),
                         num_workers=tc.num_workers, generator=torch.Generator().manual_seed(tc.seed))
     params = [p for p in denoiser.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
@@ -161,7 +161,8 @@ class _Runner:
         self.path = path
         bf16 = path.endswith("bf16")
         self.domain = get_domain("molecules")
-        self.cfg = load_run_config(self.domain, recipe, [*overrides, f"train.precision={'bf16' if bf16 else 'fp32'}"])
+        self.cfg = self.domain.resolve(
+            load_run_config(self.domain, recipe, [*overrides, f"train.precision={'bf16' if bf16 else 'fp32'}"]))
         tc = self.cfg.train
         torch.manual_seed(seed)  # the same initial weights for every path
         self.denoiser = build_denoiser(self.domain, self.cfg).train()
@@ -210,7 +211,7 @@ def _fixed_batches(runner: _Runner, count: int, seed: int) -> list[dict[str, Any
     tc = runner.cfg.train
     dataset = runner.domain.build_dataset(runner.cfg, "train")
     loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True,
-                        collate_fn=runner.domain.collate, generator=torch.Generator().manual_seed(seed))
+                        collate_fn=runner.domain.collate_fn(runner.cfg), generator=torch.Generator().manual_seed(seed))
     return [b for _, b in zip(range(count), loader)]
 
 

@@ -77,7 +77,7 @@ def distill(
     bs = batch_size or cfg.train.batch_size
     gen = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=bs, shuffle=True, drop_last=len(dataset) >= bs,
-                                         collate_fn=dom.collate, generator=gen)
+                                         collate_fn=dom.collate_fn(cfg), generator=gen)
     batches = iter(loader)
 
     def next_batch() -> Any:

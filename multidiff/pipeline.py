@@ -96,7 +96,9 @@ def train(
     device: str = "auto",
     progress: bool = True,
 ) -> TrainResult:
-    """Train the configured denoiser; checkpoints (with the resolved config) and logs go to ``out_dir``."""
+    """Train the configured denoiser; checkpoints (with the resolved config, ``domain.resolve(cfg)``; ``cfg``
+    itself is left as it is) and logs go to ``out_dir``."""
+    cfg = domain.resolve(cfg)
     torch.manual_seed(cfg.train.seed)
     module = domain.training_module(cfg)
     trainer = Trainer(
@@ -105,7 +107,7 @@ def train(
         domain.build_dataset(cfg, "train"),
         cfg.train,
         out_dir,
-        collate_fn=domain.collate,
+        collate_fn=domain.collate_fn(cfg),
         run_config=config_to_dict(cfg),
         eval_fn=domain.eval_during_training(cfg),
         device=device,
@@ -132,7 +134,7 @@ def load_model(checkpoint: Path | str, device: str = "cpu", prefer_ema: bool = T
     if "domain" not in raw:
         raise ConfigError(f"{ckpt.path}: the checkpoint's config has no 'domain' (not written by multidiff train?)")
     domain = get_domain(raw["domain"])
-    cfg = config_from_dict(run_config_class(domain), raw, source=f"{ckpt.path} (embedded config)")
+    cfg = domain.resolve(config_from_dict(run_config_class(domain), raw, source=f"{ckpt.path} (embedded config)"))
     denoiser = build_denoiser(domain, cfg)
     prefix = "denoiser."
     state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in ckpt.weights(prefer_ema).items()}

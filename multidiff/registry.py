@@ -3,7 +3,18 @@
 A domain is one object that bundles what the core cannot know: how to build its dataset and backbone,
 how a collated batch maps to (x0, conditions, backbone kwargs) and to the space its noise lives in,
 how a sampling request is laid out, and how samples are decoded, written and evaluated.
-A third-party package registers a domain with
+The order of calls is fixed and explicit (``multidiff.pipeline`` follows it):
+
+1. ``cfg = domain.resolve(cfg)`` once, before training or sampling: a **pure** function that returns the
+   run config with everything derived from the data filled in (e.g. class names, dataset statistics), so
+   that the checkpoint's embedded config alone rebuilds the model; it never changes its argument.
+2. ``domain.build_dataset(cfg, split)``, ``domain.collate_fn(cfg)`` (a collate function that depends only
+   on the resolved config it was made from, never on state left by an earlier call), ``build_backbone(cfg)``.
+3. ``unpack`` / ``space`` / ``loss`` per batch; ``request`` / ``decode`` / ``merge`` / ``write`` / ``evaluate``
+   to sample.
+
+Every method takes the typed run config ``RunConfig[DataT, ModelT]`` (``DataT`` / ``ModelT`` = the domain's
+``DataConfig`` / ``ModelConfig`` classes). A third-party package registers a domain with
 
     [project.entry-points."multidiff.domains"]
     mydomain = "mypackage.domain:MyDomain"
@@ -18,7 +29,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
@@ -28,7 +39,7 @@ from .diffusion import Denoiser, DiffusionConfig
 from .spaces import Space
 from .training import TrainConfig
 
-__all__ = ["SampleConfig", "SampleRequest", "Domain", "get_domain", "available_domains", "run_config_class", "ENTRY_POINT_GROUP"]
+__all__ = ["SampleConfig", "SampleRequest", "RunConfig", "Domain", "get_domain", "available_domains", "run_config_class", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "multidiff.domains"
 
@@ -60,8 +71,28 @@ class SampleRequest:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class Domain(ABC):
-    """One data modality: data adapters, backbone, space, sampling layout, metrics and writers."""
+DataT = TypeVar("DataT")
+ModelT = TypeVar("ModelT")
+
+
+class RunConfig(Protocol[DataT, ModelT]):
+    """The typed run config of a domain (made by ``run_config_class``): its ``data`` / ``model`` sections are the
+    domain's ``DataConfig`` / ``ModelConfig``, the others are the core's."""
+
+    domain: str
+    data: DataT
+    model: ModelT
+    diffusion: DiffusionConfig
+    train: TrainConfig
+    sample: SampleConfig
+
+
+class Domain(ABC, Generic[DataT, ModelT]):
+    """One data modality: data adapters, backbone, space, sampling layout, metrics and writers.
+
+    Subclass it as ``class MyDomain(Domain[MyData, MyModel])`` with ``DataConfig = MyData`` and
+    ``ModelConfig = MyModel``; ``multidiff/toy.py`` implements every method a new domain usually needs.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
@@ -73,17 +104,25 @@ class Domain(ABC):
     output_patterns: ClassVar[tuple[str, ...]] = ()
 
     # --- data and model ---------------------------------------------------------------------------
+    def resolve(self, cfg: RunConfig[DataT, ModelT]) -> RunConfig[DataT, ModelT]:
+        """The run config with what is derived from the data filled in (class names, statistics the model needs
+        at sampling), validated. **Pure**: returns a new config (``dataclasses.replace``) or ``cfg`` itself when
+        there is nothing to fill, and never changes ``cfg``. Called once before training (its result is what
+        the checkpoint embeds) and when a checkpoint is loaded (a no-op then). Default: ``cfg`` unchanged."""
+        return cfg
+
     @abstractmethod
-    def build_dataset(self, cfg: Any, split: str = "train") -> Dataset:
+    def build_dataset(self, cfg: RunConfig[DataT, ModelT], split: str = "train") -> Dataset:
         """The dataset of a split ('train', 'valid', 'test')."""
 
-    def collate(self, items: list[Any]) -> Any:
-        """Collate dataset items into a batch."""
-        return default_collate(items)
+    def collate_fn(self, cfg: RunConfig[DataT, ModelT]) -> Callable[[list[Any]], Any]:
+        """The function that collates dataset items into a batch, for the resolved ``cfg``: everything it needs
+        comes from ``cfg`` when it is made (no state of the domain object). Default: torch's ``default_collate``."""
+        return default_collate
 
     @abstractmethod
-    def build_backbone(self, cfg: Any) -> nn.Module:
-        """The backbone ``forward(x_in, noise_level, cond, **kwargs)``."""
+    def build_backbone(self, cfg: RunConfig[DataT, ModelT]) -> nn.Module:
+        """The backbone ``forward(x_in, c_noise, cond, **kwargs)``."""
 
     @abstractmethod
     def unpack(self, batch: Any) -> tuple[Tensor, dict[str, Tensor] | None, dict[str, Any]]:
@@ -93,7 +132,7 @@ class Domain(ABC):
     def space(self, batch: Any) -> Space:
         """The space the noise of this batch lives in."""
 
-    def training_module(self, cfg: Any) -> nn.Module | None:
+    def training_module(self, cfg: RunConfig[DataT, ModelT]) -> nn.Module | None:
         """Optional: a module whose ``forward(batch)`` is the loss, for recipes that train something other
         than the denoiser (e.g. an evaluation classifier). None (default) trains the configured denoiser."""
         return None
@@ -103,20 +142,20 @@ class Domain(ABC):
         x0, cond, kwargs = self.unpack(batch)
         return denoiser.loss(x0, cond, space=self.space(batch), **kwargs)
 
-    def coupling(self, cfg: Any) -> Callable[[Tensor, Tensor, Space], Tensor] | None:
+    def coupling(self, cfg: RunConfig[DataT, ModelT]) -> Callable[[Tensor, Tensor, Space], Tensor] | None:
         """The noise <-> data coupling named by ``cfg.diffusion.coupling`` (None: independent draws)."""
         if cfg.diffusion.coupling is None:
             return None
         raise ValueError(f"diffusion.coupling={cfg.diffusion.coupling!r}: domain {self.name!r} defines no coupling "
                          f"(expected null)")
 
-    def prepare_data(self, cfg: Any) -> dict[str, Any]:
+    def prepare_data(self, cfg: RunConfig[DataT, ModelT]) -> dict[str, Any]:
         """Build / cache the data of a recipe (``multidiff data DOMAIN``); returns a summary."""
         return {split: len(self.build_dataset(cfg, split)) for split in ("train",)}
 
     # --- sampling --------------------------------------------------------------------------------
     @abstractmethod
-    def request(self, cfg: Any, num: int, conditions: dict[str, str], inpaint: Path | None = None,
+    def request(self, cfg: RunConfig[DataT, ModelT], num: int, conditions: dict[str, str], inpaint: Path | None = None,
                 mask: str | None = None, seed: int = 0) -> SampleRequest:
         """Lay out a batch of ``num`` samples with conditions given as strings (``--condition k=v``)."""
 
@@ -134,14 +173,14 @@ class Domain(ABC):
         """Write samples (files a user opens) into ``out_dir``."""
 
     @abstractmethod
-    def evaluate(self, path: Path, cfg: Any | None = None) -> dict[str, float]:
+    def evaluate(self, path: Path, cfg: RunConfig[DataT, ModelT] | None = None) -> dict[str, float]:
         """Metrics of samples written by ``write`` (a file or directory)."""
 
-    def guidance_log_prob(self, cfg: Any, request: SampleRequest) -> Callable[[Tensor, Tensor], Tensor]:
+    def guidance_log_prob(self, cfg: RunConfig[DataT, ModelT], request: SampleRequest) -> Callable[[Tensor, Tensor], Tensor]:
         """Optional: ``log_prob(x0, t) -> [B]`` of the request's targets, for gradient guidance (``--gradient-scale``)."""
         raise ValueError(f"domain {self.name!r} has no gradient guidance (it defines no predictor of its conditions)")
 
-    def eval_during_training(self, cfg: Any) -> Any:
+    def eval_during_training(self, cfg: RunConfig[DataT, ModelT]) -> Any:
         """Optional ``eval_fn(ema_model, step) -> metrics`` used every ``train.eval_every`` steps."""
         return None
 

@@ -16,16 +16,16 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from .analytic import GaussianMixture, sliced_wasserstein
 from .config import positive
 from .guidance import UNCOND
-from .registry import Domain, SampleRequest
+from .registry import Domain, RunConfig, SampleRequest
 from .spaces import Euclidean, Space
 
 __all__ = ["ToyDomain", "ToyData", "ToyModel", "ToyMLP", "toy_mixture"]
@@ -89,8 +89,19 @@ class ToyMLP(nn.Module):
         return self.out(h)
 
 
-class ToyDomain(Domain):
-    """Class-conditional 2-D Gaussian mixtures (the reference implementation of the Domain protocol)."""
+ToyConfig = RunConfig[ToyData, ToyModel]  # the typed run config every method below receives
+
+
+class ToyDomain(Domain[ToyData, ToyModel]):
+    """Class-conditional 2-D Gaussian mixtures (the reference implementation of the Domain protocol).
+
+    The contract, in the order the core calls it (``multidiff.pipeline``):
+
+    1. ``resolve(cfg) -> cfg`` once before training / sampling: pure, returns the config the checkpoint embeds;
+    2. ``build_dataset(cfg, split)``, ``collate_fn(cfg)``, ``build_backbone(cfg)``;
+    3. per training batch ``unpack`` (x0, cond, backbone kwargs) and ``space``;
+    4. to sample: ``request`` -> the core's sampler -> ``decode`` (-> ``merge`` of chunks) -> ``write`` -> ``evaluate``.
+    """
 
     name = "toy"
     description = "class-conditional 2-D Gaussian mixture on a ring (example domain)"
@@ -98,13 +109,26 @@ class ToyDomain(Domain):
     ModelConfig = ToyModel
     output_patterns = ("samples.csv", "samples.png")
 
-    def build_dataset(self, cfg: Any, split: str = "train") -> Dataset:
+    def resolve(self, cfg: ToyConfig) -> ToyConfig:
+        """Validated ``cfg``. The toy mixture is defined by the config itself, so nothing is derived from the data
+        (a domain that needs, e.g., class names or dataset statistics at sampling returns
+        ``dataclasses.replace(cfg, data=replace(cfg.data, ...))`` here, leaving ``cfg`` as it was)."""
+        if cfg.data.components < 1:
+            raise ValueError(f"data.components: expected >= 1 mixture components, got {cfg.data.components}")
+        return cfg
+
+    def build_dataset(self, cfg: ToyConfig, split: str = "train") -> Dataset:
         gm = toy_mixture(cfg.data)
         seed = cfg.data.seed + {"train": 0, "valid": 1, "test": 2}.get(split, 3)
         x, comp = gm.sample(cfg.data.num_train, torch.Generator().manual_seed(seed))
         return TensorDataset(x.float(), comp)
 
-    def build_backbone(self, cfg: Any) -> nn.Module:
+    def collate_fn(self, cfg: ToyConfig) -> Callable[[list[Any]], Any]:
+        """(x, label) tuples -> ([B, 2], [B]); a domain whose batches need settings of the config (a feature
+        scale, normalisation statistics) captures them here from ``cfg``, not from an earlier call."""
+        return default_collate
+
+    def build_backbone(self, cfg: ToyConfig) -> nn.Module:
         return ToyMLP(cfg.data.components, cfg.model.hidden, cfg.model.layers, cfg.model.fourier)
 
     def unpack(self, batch: Any) -> tuple[Tensor, dict[str, Tensor] | None, dict[str, Any]]:
@@ -114,7 +138,7 @@ class ToyDomain(Domain):
     def space(self, batch: Any) -> Space:
         return Euclidean()
 
-    def request(self, cfg: Any, num: int, conditions: dict[str, str], inpaint: Path | None = None,
+    def request(self, cfg: ToyConfig, num: int, conditions: dict[str, str], inpaint: Path | None = None,
                 mask: str | None = None, seed: int = 0) -> SampleRequest:
         unknown = set(conditions) - {"label"}
         if unknown:
@@ -188,5 +212,5 @@ class ToyDomain(Domain):
             "num_samples": float(x.shape[0]),
         }
 
-    def evaluate(self, path: Path, cfg: Any | None = None) -> dict[str, float]:
+    def evaluate(self, path: Path, cfg: ToyConfig | None = None) -> dict[str, float]:
         return self.metrics(self.read(path), cfg.data if cfg is not None else None)

@@ -17,6 +17,7 @@ Samples are written as one WAV per sample (``sample_000_label7.wav``), ``spectro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from multidiff.config import positive
-from multidiff.registry import Domain, SampleRequest
+from multidiff.registry import Domain, RunConfig, SampleRequest
 from multidiff.spaces import Euclidean, Space
 
 __all__ = [
@@ -126,7 +127,8 @@ def _need_root(data: AudioData) -> Path:
 
 
 def _class_names(data: AudioData) -> list[str]:
-    """The label names of a data config; fills ``data.class_names`` so they travel with the checkpoint."""
+    """The label names of a data config: ``data.class_names``, else from the data (``AudioDomain.resolve`` writes
+    them into the run config so that they travel with the checkpoint); ``data`` is not changed."""
     if data.class_names:
         return list(data.class_names)
     if data.source == "folder":
@@ -140,7 +142,6 @@ def _class_names(data: AudioData) -> list[str]:
         from domains.audio.synth import DIGIT_WORDS
 
         names = list(DIGIT_WORDS)
-    data.class_names = names
     return list(names)
 
 
@@ -448,7 +449,10 @@ def export_classifier(run: Path | str, out: Path | str, meta: dict[str, Any] | N
 # --- the domain ------------------------------------------------------------------------------------------------------
 
 
-class AudioDomain(Domain):
+AudioConfig = RunConfig[AudioData, AudioModel]
+
+
+class AudioDomain(Domain[AudioData, AudioModel]):
     """Class-conditional raw-waveform diffusion with a 1D U-Net (DiffWave, Kong et al. 2021; CFG, Ho & Salimans 2022)."""
 
     name = "audio"
@@ -459,7 +463,14 @@ class AudioDomain(Domain):
     default_recipe = "digits"
 
     # --- data and model ---------------------------------------------------------------------------
-    def build_dataset(self, cfg: Any, split: str = "train") -> Dataset:
+    def resolve(self, cfg: AudioConfig) -> AudioConfig:
+        """``cfg`` with ``data.class_names`` filled from the data when null (a folder's sorted sub-folder names, the
+        digit words otherwise), so that label k means the same class wherever the checkpoint goes. Pure."""
+        if cfg.data.class_names:
+            return cfg
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, class_names=_class_names(cfg.data)))
+
+    def build_dataset(self, cfg: AudioConfig, split: str = "train") -> Dataset:
         from domains.audio.data import ClipDataset
 
         clips = load_clips(cfg.data, split)
@@ -467,7 +478,7 @@ class AudioDomain(Domain):
         dataset.data_version = clips.version  # type: ignore[attr-defined]  # recorded in the run log by the trainer
         return dataset
 
-    def build_backbone(self, cfg: Any) -> nn.Module:
+    def build_backbone(self, cfg: AudioConfig) -> nn.Module:
         from domains.audio.unet import UNet1D
 
         m = cfg.model
@@ -486,7 +497,7 @@ class AudioDomain(Domain):
                              f"model.factors); change data.seconds or the model")
         return net
 
-    def training_module(self, cfg: Any) -> nn.Module | None:
+    def training_module(self, cfg: AudioConfig) -> nn.Module | None:
         """The digit-classifier cross-entropy for model.kind=classifier; None trains the denoiser."""
         if cfg.model.kind != "classifier":
             return None
@@ -499,7 +510,7 @@ class AudioDomain(Domain):
     def space(self, batch: Any) -> Space:
         return Euclidean()
 
-    def prepare_data(self, cfg: Any) -> dict[str, Any]:
+    def prepare_data(self, cfg: AudioConfig) -> dict[str, Any]:
         """Build / load the configured source; clip counts per split and class."""
         d = cfg.data
         splits = ["all"] if d.source == "folder" else (["train", "validation", "test"] if d.source == "speechcommands"
@@ -541,7 +552,7 @@ class AudioDomain(Domain):
         valid = ", ".join(f"{i}={n}" for i, n in enumerate(names))
         raise ValueError(f"audio: unknown label {value!r}; valid labels (index or name): {valid}")
 
-    def request(self, cfg: Any, num: int, conditions: dict[str, str], inpaint: Path | None = None,
+    def request(self, cfg: AudioConfig, num: int, conditions: dict[str, str], inpaint: Path | None = None,
                 mask: str | None = None, seed: int = 0) -> SampleRequest:
         unknown = set(conditions) - {"label"}
         if unknown:
@@ -663,7 +674,7 @@ class AudioDomain(Domain):
         return {"audio": audio, "labels": labels, "sample_rate": rate, "files": files, "meta": meta,
                 "lengths": [w.shape[0] for w in waves]}
 
-    def evaluate(self, path: Path, cfg: Any | None = None) -> dict[str, Any]:
+    def evaluate(self, path: Path, cfg: AudioConfig | None = None) -> dict[str, Any]:
         """Basic stats always; SC09-protocol metrics (IS, FID, cond. accuracy...) when a classifier that knows the
         samples' classes is available. Undefined metrics are None (JSON null), never NaN.
 

@@ -28,10 +28,11 @@ fragment frame back: the fragment atoms come out at their input coordinates (up 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ from domains.molecules.constants import (
 from domains.molecules.features import atom_rows, num_features
 from domains.molecules.fragment import FragmentFrame
 from multidiff.config import positive
-from multidiff.registry import Domain, SampleRequest
+from multidiff.registry import Domain, RunConfig, SampleRequest
 from multidiff.spaces import Categorical, Graph, Product, Space, ZeroCoM
 
 __all__ = [
@@ -203,7 +204,10 @@ class PredictorLoss(nn.Module):
 # --- the domain -----------------------------------------------------------------------------------------------------
 
 
-class MoleculesDomain(Domain):
+MolConfig = RunConfig[MolData, MolModel]
+
+
+class MoleculesDomain(Domain[MolData, MolModel]):
     """3D molecules (QM9): EGNN denoiser on [positions | atom types], zero-CoM noise (Hoogeboom et al. 2022)."""
 
     name = "molecules"
@@ -219,12 +223,6 @@ class MoleculesDomain(Domain):
     def __init__(self) -> None:
         self._qm9: Any = None
         self._qm9_key: Any = None
-        self._include_charges = True
-        self._categorical = False
-        self._conditioning: list[str] = []
-        self._mean = torch.zeros(0)
-        self._mad = torch.ones(0)
-        self._prop_cols: list[int] = []
         self._predictors: dict[str, Any] = {}
         self._given_n: dict[tuple[Any, ...], Any] = {}
         self._baselines: dict[tuple[str, int | None], dict[str, dict[str, float]]] = {}
@@ -247,7 +245,7 @@ class MoleculesDomain(Domain):
             self._qm9, self._qm9_key = load_qm9(data.cache_dir, progress=True), key
         return self._qm9
 
-    def _split(self, cfg: Any) -> str:
+    def _split(self, cfg: MolConfig) -> str:
         """The configured split, or EDM's choice: generator half when conditioning, predictor half for predictors."""
         if cfg.data.split is not None:
             return cfg.data.split
@@ -255,7 +253,7 @@ class MoleculesDomain(Domain):
             return "predictor"
         return "generator" if cfg.data.conditioning else "train"
 
-    def _rows(self, cfg: Any, split: str) -> np.ndarray:
+    def _rows(self, cfg: MolConfig, split: str) -> np.ndarray:
         from domains.molecules.data import _resolve_indices, folder_split
 
         qm9 = self.qm9(cfg.data)
@@ -277,65 +275,76 @@ class MoleculesDomain(Domain):
         if len(set(data.conditioning)) != len(data.conditioning):
             raise ValueError(f"data.conditioning: duplicate property names in {data.conditioning}")
 
-    def resolve_stats(self, cfg: Any) -> None:
-        """Fill the training atom-count histogram and property mean/MAD into ``cfg.data`` (saved with the checkpoint)."""
+    def resolve(self, cfg: MolConfig) -> MolConfig:
+        """``cfg`` with the training atom-count histogram and the property mean/MAD filled into ``data`` (they travel
+        with the checkpoint, so sampling needs no data set); validated. Pure: a new config when something is
+        filled, ``cfg`` itself when the stats are there already (a loaded checkpoint)."""
         data = cfg.data
         self._check_conditioning(data)
         check_atom_types(data)
         p = len(data.conditioning)
         has_stats = len(data.property_mean) == p and len(data.property_mad) == p
         if data.n_atoms_counts and has_stats:
-            return
-        split = self._split(cfg)
-        ds = MolGraphs(self.qm9(data), self._rows(cfg, split), data.remove_h)
+            return cfg
+        ds = MolGraphs(self.qm9(data), self._rows(cfg, self._split(cfg)), data.remove_h)
+        filled: dict[str, Any] = {}
         if not data.n_atoms_counts:
-            data.n_atoms_counts = np.bincount(ds.num_atoms(), minlength=MAX_ATOMS + 1).astype(int).tolist()
+            filled["n_atoms_counts"] = np.bincount(ds.num_atoms(), minlength=MAX_ATOMS + 1).astype(int).tolist()
         if not has_stats:
             qm9 = self.qm9(data)
             cols = [qm9.property_names.index(name) for name in data.conditioning]
             values = qm9.properties[torch.from_numpy(ds.rows)][:, cols].to(torch.float64)
             mean = values.mean(0)
             mad = (values - mean).abs().mean(0)
-            data.property_mean = [float(v) for v in mean]
-            data.property_mad = [float(v) if v > 0 else 1.0 for v in mad]
+            filled["property_mean"] = [float(v) for v in mean]
+            filled["property_mad"] = [float(v) if v > 0 else 1.0 for v in mad]
+        return dataclasses.replace(cfg, data=dataclasses.replace(data, **filled))
 
-    def _remember(self, cfg: Any) -> None:
-        """Keep what ``collate`` needs (it sees only the items)."""
-        self._include_charges = cfg.data.include_charges
-        self._categorical = cfg.data.atom_types == "categorical"
-        self._conditioning = list(cfg.data.conditioning)
-        self._mean = torch.tensor(cfg.data.property_mean, dtype=torch.float32)
-        self._mad = torch.tensor(cfg.data.property_mad, dtype=torch.float32)
-        self._prop_cols = [PROPERTY_NAMES.index(name) for name in cfg.data.conditioning]
-
-    def build_dataset(self, cfg: Any, split: str = "train") -> Dataset:
-        self.resolve_stats(cfg)
-        self._remember(cfg)
+    def build_dataset(self, cfg: MolConfig, split: str = "train") -> Dataset:
+        self._check_conditioning(cfg.data)
+        check_atom_types(cfg.data)
         name = self._split(cfg) if split == "train" else split
         graphs = MolGraphs(self.qm9(cfg.data), self._rows(cfg, name), cfg.data.remove_h)
         graphs.data_version = getattr(self.qm9(cfg.data), "version", None)  # type: ignore[attr-defined]  # in the run log
         return graphs
 
-    def collate(self, items: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, Any]:
-        counts = torch.tensor([len(z) for _, z, _ in items], dtype=torch.long)
-        pos = torch.cat([p for p, _, _ in items])
-        z = torch.cat([z for _, z, _ in items])
-        batch = {
-            "x": atom_rows(pos, z, self._include_charges, 1.0 if self._categorical else ONE_HOT_SCALE),
-            "categorical": self._categorical,
-            "batch": torch.repeat_interleave(torch.arange(len(items)), counts),
-            "num_graphs": len(items),
-        }
-        if self._conditioning:
-            props = torch.stack([y for _, _, y in items])[:, self._prop_cols]
-            batch["properties"] = (props - self._mean) / self._mad
-        return batch
+    def collate_fn(self, cfg: MolConfig) -> Callable[[list[tuple[Tensor, Tensor, Tensor]]], dict[str, Any]]:
+        """(positions, atomic numbers, properties) items -> a graph batch ``{x, categorical, batch, num_graphs
+        [, properties]}``: atom rows in the config's feature layout, properties normalised by the resolved
+        mean / MAD (``resolve`` first when conditioning)."""
+        data = cfg.data
+        check_atom_types(data)
+        include_charges, categorical = data.include_charges, data.atom_types == "categorical"
+        scale = one_hot_scale(data)
+        cols = [PROPERTY_NAMES.index(name) for name in data.conditioning]
+        if cols and (len(data.property_mean) != len(cols) or len(data.property_mad) != len(cols)):
+            raise ValueError(f"molecules: data.conditioning={data.conditioning} needs the property mean/MAD of the "
+                             f"training set in data.property_mean / property_mad: resolve the config first "
+                             f"(cfg = domain.resolve(cfg))")
+        mean = torch.tensor(data.property_mean, dtype=torch.float32)
+        mad = torch.tensor(data.property_mad, dtype=torch.float32)
+
+        def collate(items: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, Any]:
+            counts = torch.tensor([len(z) for _, z, _ in items], dtype=torch.long)
+            pos = torch.cat([p for p, _, _ in items])
+            z = torch.cat([z for _, z, _ in items])
+            batch = {
+                "x": atom_rows(pos, z, include_charges, scale),
+                "categorical": categorical,
+                "batch": torch.repeat_interleave(torch.arange(len(items)), counts),
+                "num_graphs": len(items),
+            }
+            if cols:
+                props = torch.stack([y for _, _, y in items])[:, cols]
+                batch["properties"] = (props - mean) / mad
+            return batch
+
+        return collate
 
     # --- model ----------------------------------------------------------------------------------------------------
-    def build_backbone(self, cfg: Any) -> nn.Module:
+    def build_backbone(self, cfg: MolConfig) -> nn.Module:
         if cfg.model.kind != "denoiser":
             raise ValueError(f"model.kind={cfg.model.kind!r}: a property-predictor run has no denoiser to sample from")
-        self.resolve_stats(cfg)  # before the run config is written into the checkpoint
         m = cfg.model
         return _egnn_class()(
             num_features(cfg.data), hidden=m.hidden, layers=m.layers, sublayers=m.sublayers,
@@ -346,7 +355,7 @@ class MoleculesDomain(Domain):
             self_conditioning=cfg.diffusion.self_condition > 0,
         )
 
-    def coupling(self, cfg: Any) -> Any:
+    def coupling(self, cfg: MolConfig) -> Any:
         """``diffusion.coupling: equivariant_ot``: Hungarian + Kabsch alignment of each noise draw (``equivariant_ot``)."""
         name = cfg.diffusion.coupling
         if name is None:
@@ -357,7 +366,7 @@ class MoleculesDomain(Domain):
 
         return equivariant_ot
 
-    def training_module(self, cfg: Any) -> nn.Module | None:
+    def training_module(self, cfg: MolConfig) -> nn.Module | None:
         """``model.kind: predictor`` trains EDM's property predictor (L1 on normalised properties) instead."""
         if cfg.model.kind != "predictor":
             return None
@@ -365,7 +374,6 @@ class MoleculesDomain(Domain):
 
         if not cfg.data.conditioning:
             raise ValueError("model.kind=predictor needs data.conditioning: the properties to predict (e.g. [alpha])")
-        self.resolve_stats(cfg)
         m = cfg.model
         return PredictorLoss(EGNNPredictor(num_features(cfg.data), len(cfg.data.conditioning), hidden=m.hidden,
                                            layers=m.layers, attention=m.attention, pool=m.predictor_pool,
@@ -378,7 +386,7 @@ class MoleculesDomain(Domain):
     def space(self, batch: dict[str, Any]) -> Space:
         return MolSpace(batch["batch"], batch["num_graphs"], categorical=batch.get("categorical", False))
 
-    def prepare_data(self, cfg: Any) -> dict[str, Any]:
+    def prepare_data(self, cfg: MolConfig) -> dict[str, Any]:
         """Convert / cache QM9, report split sizes (and build the novelty reference when ``data.novelty``)."""
         from domains.molecules.data import conditional_halves, edm_split
 
@@ -425,7 +433,7 @@ class MoleculesDomain(Domain):
         return root / f"qm9_train_smiles.{CONVERTER_VERSION}.txt"
 
     # --- sampling -------------------------------------------------------------------------------------------------
-    def request(self, cfg: Any, num: int, conditions: dict[str, str], inpaint: Path | None = None,
+    def request(self, cfg: MolConfig, num: int, conditions: dict[str, str], inpaint: Path | None = None,
                 mask: str | None = None, seed: int = 0) -> SampleRequest:
         data = cfg.data
         if num < 1:
@@ -507,7 +515,7 @@ class MoleculesDomain(Domain):
         z = torch.tensor([ATOMIC_NUMBERS[s] for s in mol.elements], dtype=torch.long)
         return torch.as_tensor(mol.positions, dtype=torch.float32), z
 
-    def _properties(self, cfg: Any, names: list[str], conditions: dict[str, str], sizes: Tensor,
+    def _properties(self, cfg: MolConfig, names: list[str], conditions: dict[str, str], sizes: Tensor,
                     g: torch.Generator) -> tuple[dict[str, Tensor] | None, dict[str, list[float]]]:
         """Target properties per molecule: given values, else drawn from p(property | n) of the training set (EDM).
 
@@ -545,7 +553,7 @@ class MoleculesDomain(Domain):
         cond = {"properties": ((values[:, : len(data.conditioning)] - mean) / mad).to(torch.float32)}
         return cond, props
 
-    def _property_given_n(self, cfg: Any, names: list[str]) -> Any:
+    def _property_given_n(self, cfg: MolConfig, names: list[str]) -> Any:
         """p(properties | n) of the configured training split, built once per (split, size, names) and reused by chunks."""
         from domains.molecules.data import PropertyGivenN
 
@@ -567,7 +575,7 @@ class MoleculesDomain(Domain):
             self._predictors[key] = load_predictor(key)
         return self._predictors[key]
 
-    def guidance_log_prob(self, cfg: Any, request: SampleRequest) -> Any:
+    def guidance_log_prob(self, cfg: MolConfig, request: SampleRequest) -> Any:
         """Laplace log-likelihood (unit: the predictor's MAD) of the request's target properties under the predictor."""
         from domains.molecules.properties import guidance_log_prob
 
@@ -661,7 +669,7 @@ class MoleculesDomain(Domain):
             return read_sdf(path)
         raise ValueError(f"{path}: unknown molecule format {suffix or '(no suffix)'}; expected .sdf, .xyz or a samples directory")
 
-    def evaluate(self, path: Path, cfg: Any | None = None) -> dict[str, float]:
+    def evaluate(self, path: Path, cfg: MolConfig | None = None) -> dict[str, float]:
         from domains.molecules.metrics import evaluate_molecules
 
         mols = self.read(path)

@@ -201,12 +201,17 @@ def test_fragment_frame_never_moves_centred_anchor_rows() -> None:
 
 def test_predictor_recipe_trains_egnn_predictor_on_first_half() -> None:
     dom = MoleculesDomain()
-    cfg = pipeline.load_run_config(dom, "property_predictor", ["data.max_molecules=64", "model.hidden=16", "model.layers=2"])
+    loaded = pipeline.load_run_config(dom, "property_predictor", ["data.max_molecules=64", "model.hidden=16", "model.layers=2"])
+    cfg = dom.resolve(loaded)
+    assert loaded.data.property_mean == [] and loaded.data.n_atoms_counts == []  # resolve is pure
+    assert dom.resolve(cfg) is cfg  # resolved once: nothing left to fill
+    with pytest.raises(ValueError, match=r"resolve the config first"):
+        dom.collate_fn(loaded)  # normalising properties needs the resolved mean / MAD
     module = dom.training_module(cfg)
     ds = dom.build_dataset(cfg)
     assert dom._split(cfg) == "predictor" and len(ds) == 64
     assert len(cfg.data.property_mean) == 1 and cfg.data.property_mad[0] > 0
-    loss = module(dom.collate([ds[i] for i in range(8)]))
+    loss = module(dom.collate_fn(cfg)([ds[i] for i in range(8)]))
     assert torch.isfinite(loss) and loss.ndim == 0
     loss.backward()
     with pytest.raises(ValueError, match="no denoiser"):
