@@ -20,7 +20,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,18 +34,18 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from multidiff import checkpoint as ckpt_io
+from multidiff import resume as resume_io
 from multidiff.config import config_to_dict, config_to_yaml
 from multidiff.distributed import (
     DistEnv,
-    all_gather_object,
     all_reduce_sum,
-    broadcast_object,
     destroy_distributed,
     dist_env,
     init_distributed,
     resolve_device,
 )
 from multidiff.files import DirLock, dumps_json
+from multidiff.resume import STATE_VERSION, seed_everything  # noqa: F401  (STATE_VERSION: re-exported)
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "NonFiniteLossError", "lr_factor", "seed_everything"]
 
@@ -54,7 +53,6 @@ log = logging.getLogger(__name__)
 
 LOG_FILE = "log.jsonl"
 CONFIG_FILE = "config.yaml"
-STATE_VERSION = 1
 
 
 @dataclass
@@ -126,47 +124,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return 1.0
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and `random`."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# --- RNG state as weights_only-loadable data -------------------------------------------------------------------------
-
-
-def _capture_rng(device: torch.device) -> dict[str, Any]:
-    """All global RNG states as tensors/lists/ints (loadable with torch.load(weights_only=True))."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _restore_rng(state: Mapping[str, Any], device: torch.device) -> None:
-    """Inverse of `_capture_rng`."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -480,10 +437,11 @@ class Trainer:
                 f"train.batch_size={cfg.batch_size} (the global batch) must be divisible by the "
                 f"number of processes ({env.world_size})"
             )
-        chosen = self._choose_checkpoint(resume, lock)
+        chosen = resume_io.choose_checkpoint(self.out_dir, resume, env, lock)
         start_step, elapsed_before, position = 0, 0.0, {"epoch": 0, "index": 0}
         if chosen is not None:
-            start_step, elapsed_before, position = self._load(chosen)
+            point = self._load(chosen)
+            start_step, elapsed_before, position = point.step, point.elapsed_s, point.data
         else:
             seed_everything(cfg.seed + env.rank)
         self.step = start_step
@@ -622,130 +580,17 @@ class Trainer:
                 random.setstate(py_state)
         return dict(metrics or {})
 
-    # -- checkpoints --
+    # -- checkpoints (the bookkeeping is multidiff.resume's) --
 
-    def _choose_checkpoint(self, resume: bool | Path | str, lock: DirLock | None = None) -> Path | None:
-        """On rank 0 lock the run directory (a second writer stops here) and pick the checkpoint to resume from;
-        share the decision (or the error) with all ranks."""
-        decision: Path | Exception | None = None
-        if self.env.is_main:
-            try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-                if lock is not None:
-                    lock.acquire()
-                ckpt_io.remove_stale_temporaries(self.out_dir)
-                decision = self._find_resume_checkpoint(resume)
-            except Exception as e:  # broadcast so that every rank raises, instead of the others hanging
-                decision = e
-        decision = broadcast_object(decision)
-        if isinstance(decision, Exception):
-            raise decision
-        return decision
-
-    def _find_resume_checkpoint(self, resume: bool | Path | str) -> Path | None:
-        """Resolve `resume` to a verified checkpoint dir (rank 0)."""
-        if resume is False or resume is None:
-            existing = ckpt_io.list_checkpoints(self.out_dir)
-            if existing:
-                raise FileExistsError(
-                    f"{self.out_dir} already holds checkpoints (latest {existing[-1][1].name}); "
-                    f"resume it (--resume / fit(resume=True)) or choose another output directory"
-                )
-            return None
-        if resume is True:
-            found = ckpt_io.find_latest_checkpoint(self.out_dir)
-            if found is None:
-                log.info("no checkpoint in %s; starting from scratch", self.out_dir)
-            return found
-        path = Path(resume)
-        if not path.exists():
-            raise ckpt_io.CheckpointNotFoundError(f"checkpoint to resume from not found: {path}")
-        if path.is_file():
-            raise ckpt_io.CheckpointError(
-                f"{path}: resuming needs a checkpoint directory (with {ckpt_io.STATE_FILE}), not a weights file"
-            )
-        if (path / ckpt_io.MANIFEST_FILE).exists() or (path / ckpt_io.WEIGHTS_FILE).exists():
-            ckpt_io.verify_checkpoint(path)  # an explicitly named checkpoint must be intact: no silent fallback
-            return path
-        found = ckpt_io.find_latest_checkpoint(path)
-        if found is None:
-            raise ckpt_io.CheckpointNotFoundError(f"no checkpoint under {path}")
-        return found
-
-    def _load(self, ckpt_dir: Path) -> tuple[int, float, dict[str, int]]:
-        """Restore weights, EMA, optimizer, schedule, RNG and data position; returns (step, elapsed_s, position)."""
-        model_state, ema_state, saved_config, _meta = ckpt_io.load_weights(ckpt_dir / ckpt_io.WEIGHTS_FILE)
-        state = ckpt_io.load_training_state(ckpt_dir)
-        _check_shapes(ckpt_dir, model_state, self.model, _changed_keys(saved_config, self.run_config))
-        self.model.load_state_dict(model_state)
-        self.ema.module.load_state_dict(ema_state if ema_state is not None else model_state)
-        self.ema.n_averaged.fill_(int(state["ema_n_averaged"]))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        rngs = state["rng"]
-        if len(rngs) == self.env.world_size:
-            _restore_rng(rngs[self.env.rank], self.device)
-        else:
-            if self.env.is_main:
-                warnings.warn(
-                    f"{ckpt_dir} was written by {len(rngs)} process(es), this run has {self.env.world_size}: "
-                    f"random streams are re-seeded, so the run will not match an uninterrupted one bit for bit",
-                    stacklevel=3,
-                )
-            seed_everything(self.cfg.seed + self.env.rank + 1_000_003 * int(state["step"]))
-        if self.env.is_main and saved_config != self.run_config:
-            changed = _changed_keys(saved_config, self.run_config)
-            log.warning("resuming %s with a changed config: %s", ckpt_dir, ", ".join(changed) or "(structure)")
-        log.info("resumed from %s (step %d)", ckpt_dir, state["step"])
-        return int(state["step"]), float(state["elapsed_s"]), dict(state["data"])
+    def _load(self, ckpt_dir: Path) -> resume_io.ResumePoint:
+        """Restore weights, EMA, optimizer, schedule, RNG and data position from ``ckpt_dir``."""
+        return resume_io.load_training_checkpoint(
+            ckpt_dir, model=self.model, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler,
+            run_config=self.run_config, env=self.env, device=self.device, seed=self.cfg.seed)
 
     def _save(self, stream: _DataStream, elapsed_s: float) -> Path | None:
         """Write a checkpoint of the current step (rank 0 writes; every rank contributes its RNG state)."""
-        rngs = all_gather_object(_capture_rng(self.device))
-        if not self.env.is_main:
-            return None
-        state = {
-            "version": STATE_VERSION,
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "ema_n_averaged": int(self.ema.n_averaged.item()),
-            "data": stream.position(),
-            "rng": rngs,
-            "world_size": self.env.world_size,
-            "elapsed_s": elapsed_s,
-        }
-        return ckpt_io.save_checkpoint(
-            self.out_dir,
-            self.step,
-            self.model,
-            self.ema.module,
-            state,
-            config=self.run_config,
-            extra_meta={"torch_version": torch.__version__},
-            keep=self.cfg.keep_checkpoints,
-        )
-
-
-def _check_shapes(ckpt_dir: Path, saved: Mapping[str, Tensor], model: nn.Module, changed: list[str]) -> None:
-    """Refuse to resume weights whose shapes the current config (or data) no longer matches, naming what differs."""
-    own = model.state_dict()
-    diffs = [f"{k}: saved {list(v.shape)}, now {list(own[k].shape)}" for k, v in saved.items()
-             if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if diffs:
-        raise ValueError(
-            f"cannot resume {ckpt_dir}: the model built from the current config and data has other shapes "
-            f"({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}); config keys that changed: "
-            f"{', '.join(changed) or 'none'}. A data set with a new label or a changed model size needs a new run "
-            f"(--out elsewhere), not --resume"
-        )
-
-
-def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for k in sorted(set(a) | set(b), key=str):
-            out += _changed_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
+        return resume_io.save_training_checkpoint(
+            self.out_dir, self.step, model=self.model, ema=self.ema, optimizer=self.optimizer,
+            scheduler=self.scheduler, data=stream.position(), elapsed_s=elapsed_s, run_config=self.run_config,
+            env=self.env, device=self.device, keep=self.cfg.keep_checkpoints)
