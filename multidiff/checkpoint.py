@@ -36,6 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from multidiff.files import atomic_write
+
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -121,14 +123,8 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def _write_text_durable(path: Path, text: str) -> None:
-    """Write text to `path` via a temp file + fsync + rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        _write_bytes(tmp, text.encode("utf-8"))
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    """Write text to `path` atomically and durably (``files.atomic_write``)."""
+    atomic_write(path, lambda tmp: _write_bytes(tmp, text.encode("utf-8")))
 
 
 def _remove_tree(path: Path) -> None:
@@ -214,13 +210,8 @@ def save_weights(
         metadata[key] = json.dumps(value)
     if content_hash:
         metadata[CONTENT_HASH_KEY] = content_sha256(tensors, metadata)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:  # serialised in memory, so that running out of space surfaces as a plain OSError (ENOSPC) of this file
-        _write_bytes(tmp, safetensors_bytes(tensors, metadata=metadata))
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    # serialised in memory, so that running out of space surfaces as a plain OSError (ENOSPC) of this file
+    atomic_write(path, lambda tmp: _write_bytes(tmp, safetensors_bytes(tensors, metadata=metadata)))
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -232,12 +232,13 @@ def sample(
         total = settings.steps * pipeline.num_sampler_calls(model, n)
         used_nfe: dict[int, int] = {}  # per sampler call: the NFE a sampler that picks its own steps reports
 
-        with _progress(progress, total, f"sampling {n} x {domain}") as cb:
+        from .progress import progress_bar
+
+        with progress_bar(f"sampling {n} x {domain}", total, enabled=progress and sys.stderr.isatty()) as bar:
             def record(info, done=0):
                 if info.nfe is not None:
                     used_nfe[done] = info.nfe
-                if cb is not None:
-                    cb(info, done)
+                bar.update(completed=done + info.i + 1)
 
             files, metrics = pipeline.sample_to_dir(model, n, conditions, settings, out, inpaint=inpaint, mask=mask,
                                                     seed=seed, callback=record, before_write=clear_earlier)
@@ -315,28 +316,6 @@ def _shipped_checkpoint(domain: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no shipped checkpoint for {domain!r} at {path}; pass --checkpoint RUN_DIR (train one with `multidiff train {domain}`)")
     return path
-
-
-class _progress:
-    """A rich progress bar fed by the sampler callback (a no-op when disabled)."""
-
-    def __init__(self, enabled: bool, total: int, label: str) -> None:
-        self.enabled, self.total, self.label = enabled and sys.stderr.isatty(), total, label
-
-    def __enter__(self):
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
-        self.bar = Progress("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total}",
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=_console())
-        self.bar.__enter__()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda info, done=0: self.bar.update(task, completed=done + info.i + 1)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
 
 
 @app.command()

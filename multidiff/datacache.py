@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .files import atomic_write
 
 __all__ = ["CACHE_FORMAT", "ContentIndexCache", "FileResult", "SyncResult", "cache_root", "watch"]
 
@@ -212,16 +213,7 @@ class ContentIndexCache:
             entry["rows"] = rows
         name = f"data-{version}-{os.getpid()}-{time.time_ns()}.safetensors"
         data_file = self.directory / name
-        fd, tmp = tempfile.mkstemp(prefix=".data-", suffix=".tmp", dir=self.directory)
-        os.close(fd)
-        try:
-            save_file({k: torch.cat(v) for k, v in parts.items()}, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, data_file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(data_file, lambda tmp: save_file({k: torch.cat(v) for k, v in parts.items()}, tmp))
         self._handle = None
         self._write_index({"format": CACHE_FORMAT, "settings": self.settings, "data": name, "version": version,
                            "files": entries})
@@ -237,12 +229,7 @@ class ContentIndexCache:
         return {name: f.get_slice(name)[a:b] for name, (a, b) in entry["rows"].items()}
 
     def _write_index(self, index: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".tmp", dir=self.directory)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(index, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.directory / INDEX_FILE)
+        atomic_write(self.directory / INDEX_FILE, json.dumps(index, sort_keys=True))
 
 
 def watch(sync: Callable[[], dict[str, Any]], *, interval: float = 2.0, max_seconds: float | None = None,

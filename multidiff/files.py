@@ -1,4 +1,5 @@
-"""Small file helpers shared by the CLI, the trainer and the domains: a directory lock, strict JSON, a write probe."""
+"""Small file helpers shared by the CLI, the trainer and the domains: the one atomic write, a directory lock, strict
+JSON, a write probe."""
 
 from __future__ import annotations
 
@@ -17,9 +18,73 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no OS lock (the CLI targets Linux)
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_FILE", "DirLock", "DirLockedError", "finite_json", "dumps_json", "write_json", "check_writable_dir"]
+__all__ = ["LOCK_FILE", "DirLock", "DirLockedError", "atomic_write", "fsync_dir", "finite_json", "dumps_json", "write_json",
+           "check_writable_dir"]
 
 LOCK_FILE = ".multidiff.lock"
+
+
+# --- atomic writes ---------------------------------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path | str) -> None:
+    """fsync a directory, so that a rename in it survives a power cut (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path | str, content: bytes | str | Callable[[Path], Any], *, durable: bool = True,
+                 mode: int | None = None) -> Path:
+    """Write a file so that a reader sees the old content or the new, never a part: the content goes to a fresh
+    temporary file beside ``path`` (``.NAME.tmp-PID-N``), which is fsynced (``durable``) and renamed over
+    ``path``; on any failure the temporary file is removed and the error re-raised (an ``OSError`` names ``path``).
+
+    ``content`` is the bytes, the text (UTF-8), or a function that writes the temporary file at the path it is
+    given (e.g. ``lambda tmp: safetensors.torch.save_file(tensors, tmp)``). The file gets the permissions of a
+    plain ``open`` (0666 less the umask) unless ``mode`` is given."""
+    path = Path(path)
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    for k in range(100):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{k}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 leftovers of this very pid
+        raise FileExistsError(f"{path}: cannot create a temporary file beside it")
+    try:
+        if callable(data):
+            os.close(fd)
+            data(tmp)
+            if durable:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+    return path
 
 
 # --- strict JSON -----------------------------------------------------------------------------------------------------
@@ -61,10 +126,8 @@ def dumps_json(obj: Any, *, fallback: Callable[[Any], Any] | None = None, **kwar
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    """Write ``obj`` as pretty, key-sorted strict JSON (see ``dumps_json``) and return the path."""
-    path = Path(path)
-    path.write_text(dumps_json(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
+    """Write ``obj`` as pretty, key-sorted strict JSON (see ``dumps_json``), atomically, and return the path."""
+    return atomic_write(path, dumps_json(obj, indent=2, sort_keys=True) + "\n", durable=False)
 
 
 # --- output directories ----------------------------------------------------------------------------------------------

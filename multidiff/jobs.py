@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .files import dumps_json
+from .files import atomic_write, dumps_json
 
 __all__ = ["Job", "JOB_FIELDS", "MANIFEST", "read_jobs", "read_manifest", "run_jobs", "verify_manifest", "JobsError"]
 
@@ -214,14 +214,7 @@ def _merge_manifest(out: Path, order: dict[str, int]) -> None:
     if not shards and (not main.is_file() or main.read_bytes().endswith(b"\n") or main.stat().st_size == 0):
         return
     records = sorted(read_manifest(out).values(), key=lambda r: (order.get(str(r["id"]), 1 << 62), str(r["id"])))
-    tmp = out / f".{MANIFEST}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(dumps_json(rec, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, main)
-    _fsync_dir(out)
+    atomic_write(main, "".join(dumps_json(rec, sort_keys=True) + "\n" for rec in records))
     for shard in shards:
         shard.unlink(missing_ok=True)
 
@@ -238,7 +231,8 @@ def _recover(out: Path, jobs: list[Job]) -> list[str]:
         if job.id not in done and d.exists():
             shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
             removed.append(job.id)
-    (out / f".{MANIFEST}.tmp").unlink(missing_ok=True)
+    for tmp in out.glob(f".{MANIFEST}.tmp*"):  # a rewrite of the manifest cut short
+        tmp.unlink(missing_ok=True)
     return removed
 
 

@@ -16,7 +16,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -44,7 +43,8 @@ from multidiff.distributed import (
     init_distributed,
     resolve_device,
 )
-from multidiff.files import DirLock, dumps_json
+from multidiff.files import DirLock, atomic_write, dumps_json
+from multidiff.progress import progress_bar
 from multidiff.resume import STATE_VERSION, seed_everything  # noqa: F401  (STATE_VERSION: re-exported)
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "NonFiniteLossError", "lr_factor", "seed_everything"]
@@ -288,9 +288,7 @@ def _truncate_log(path: Path, step: int) -> None:
             continue  # a line cut short by a kill
         if isinstance(rec, dict) and rec.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in kept), durable=False)
 
 
 class _RunLog:
@@ -320,48 +318,6 @@ class _RunLog:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
-
-
-class _Progress:
-    """A rich progress bar with loss, steps/s and ETA; inert when disabled."""
-
-    def __init__(self, enabled: bool, total: int, completed: int) -> None:
-        self.bar: Any = None
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-        from rich.console import Console
-
-        self.bar = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4g}"),
-            TextColumn("{task.fields[sps]:.1f} steps/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self.task = self.bar.add_task("train", total=total, completed=completed, loss=float("nan"), sps=0.0)
-        self.bar.start()
-
-    def update(self, step: int, loss: float, sps: float) -> None:
-        """Advance to `step`."""
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=loss, sps=sps)
-
-    def close(self) -> None:
-        """Stop rendering."""
-        if self.bar is not None:
-            self.bar.stop()
 
 
 # --- trainer ------------------------------------------------------------------------------------------------------
@@ -465,7 +421,9 @@ class Trainer:
                           **({"data_version": self.data_version} if self.data_version is not None else {}),
                           **({"checkpoint": str(chosen)} if chosen else {})})
         show = self.progress and env.is_main and sys.stderr.isatty()
-        bar = _Progress(show, cfg.steps, start_step)
+        bar = progress_bar("train", cfg.steps, enabled=show, completed=start_step,
+                           extra=("loss {task.fields[loss]:.4g}", "{task.fields[sps]:.1f} steps/s"),
+                           loss=float("nan"), sps=0.0)
 
         budget_s = cfg.max_minutes * 60.0 if cfg.max_minutes is not None else math.inf
         t0 = time.perf_counter()
@@ -496,7 +454,7 @@ class Trainer:
                         samples_per_s=sps * cfg.batch_size * cfg.grad_accum, epoch=stream.epoch,
                         wall_s=round(elapsed(), 3),
                     )
-                    bar.update(self.step, win_loss / win_n, sps)
+                    bar.update(completed=self.step, loss=win_loss / win_n, sps=sps)
                     win_loss, win_n, win_t = 0.0, 0, now
                 if self.eval_fn is not None and cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or final):
                     if env.is_main:

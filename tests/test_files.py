@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from multidiff.files import LOCK_FILE, DirLock, DirLockedError, check_writable_dir, dumps_json, write_json
+from multidiff.files import LOCK_FILE, DirLock, DirLockedError, atomic_write, check_writable_dir, dumps_json, write_json
 from multidiff.pipeline import write_metrics
 
 ENV = {**os.environ, "MULTIDIFF_MALLOC": "system", "OMP_NUM_THREADS": "1", "COLUMNS": "80"}
@@ -135,3 +135,24 @@ def test_write_probe_rejects_a_directory_without_write_permission(tmp_path: Path
             check_writable_dir(ro)
     finally:
         ro.chmod(0o755)
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
+    path = tmp_path / "a.txt"
+    assert atomic_write(path, "old\n") == path and path.read_text() == "old\n"
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert (path.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)  # the permissions of a plain open
+    atomic_write(path, b"\x00\x01", durable=False)
+    assert path.read_bytes() == b"\x00\x01"
+    atomic_write(path, lambda tmp: tmp.write_text("by a writer"), mode=0o600)
+    assert path.read_text() == "by a writer" and (path.stat().st_mode & 0o777) == 0o600
+
+    def broken(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError) as e:
+        atomic_write(path, broken)
+    assert e.value.filename == str(path)  # the error names the file being written
+    assert path.read_text() == "by a writer" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "plain.txt"]

@@ -226,15 +226,10 @@ def _counts_memo(data: AudioData, synced: Any) -> dict[str, Any]:
 
 def _store_counts(synced: Any, key: str, counts: dict[str, Any]) -> None:
     """Keep the split counts of this data version beside the cache (atomically; a failure only costs a recount)."""
-    import os
-    import tempfile
+    from multidiff.files import atomic_write
 
-    path = synced.cache.directory / COUNTS_FILE
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".counts-", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"key": key, "counts": counts}, f)
-        os.replace(tmp, path)
+        atomic_write(synced.cache.directory / COUNTS_FILE, json.dumps({"key": key, "counts": counts}), durable=False)
     except OSError:
         pass
 

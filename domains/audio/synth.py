@@ -14,7 +14,7 @@ pitches x 2 rates -> 4,800 train and 480 test clips.
 Each clip is espeak's native 22,050 Hz int16 output with leading/trailing silence trimmed (threshold 1% of
 the clip's peak, 10 ms kept either side), stored losslessly as a 16-bit PCM WAV. espeak's output is not
 bit-for-bit reproducible, so the cache IS the dataset: `build_digit_cache` writes every clip atomically
-(temp file + ``os.replace``) and writes ``manifest.json`` (one entry per clip with digit, voice, variant,
+(``multidiff.files.atomic_write``) and writes ``manifest.json`` (one entry per clip with digit, voice, variant,
 pitch, rate, file and sha256, plus the grid, split and versions) last, so an interrupted build leaves no
 manifest and therefore no half-valid cache. Loading (``domains.audio.data.load_digits``) never regenerates an
 existing cache; it verifies every file against the manifest.
@@ -44,6 +44,9 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
+
+from multidiff.files import atomic_write
+from multidiff.progress import progress_bar
 
 GENERATOR_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -254,13 +257,6 @@ def sha256_file(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same directory and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _render(cache_dir: Path, specs: Sequence[ClipSpec], volume: int) -> list[dict[str, Any]]:
     """Synthesise, trim and store `specs`; return their manifest entries."""
     engine = get_engine()
@@ -275,7 +271,7 @@ def _render(cache_dir: Path, specs: Sequence[ClipSpec], volume: int) -> list[dic
         data = buf.getvalue()
         path = cache_dir / s.file
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, data)
+        atomic_write(path, data, durable=False)
         entries.append({"digit": s.digit, "word": DIGIT_WORDS[s.digit], "voice": s.voice, "accent": s.accent,
                         "variant": s.variant, "pitch": s.pitch, "rate": s.rate, "split": s.split, "file": s.file,
                         "num_samples": int(wave.size), "sha256": hashlib.sha256(data).hexdigest()})
@@ -286,19 +282,6 @@ def _render_task(args: tuple[str, list[ClipSpec], int]) -> list[dict[str, Any]]:
     """Process-pool entry point for `_render` (one voice per task)."""
     cache_dir, specs, volume = args
     return _render(Path(cache_dir), specs, volume)
-
-
-def _progress_bar(enabled: bool, total: int) -> Any:
-    """A rich progress bar with clips/s, or None."""
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("[bold]synthesising digits"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]}"),
-                   TimeElapsedColumn())
-    bar.add_task("digits", total=total, rate="")
-    return bar
 
 
 def build_digit_cache(cache_dir: str | Path, grid: DigitGrid = DEFAULT_GRID, num_voices: int | None = None,
@@ -317,17 +300,14 @@ def build_digit_cache(cache_dir: str | Path, grid: DigitGrid = DEFAULT_GRID, num
     workers = min(workers, len(tasks))
     versions = espeak_versions()
     t0 = time.perf_counter()
-    bar = _progress_bar(progress, len(specs))
+    bar = progress_bar("synthesising digits", len(specs), enabled=progress, extra=("{task.fields[rate]}",), eta=False,
+                       rate="")
     entries: list[dict[str, Any]] = []
 
     def advance(n: int) -> None:
-        if bar is not None:
-            task = bar.tasks[0]
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            bar.update(task.id, advance=n, rate=f"{(task.completed + n) / elapsed:6.0f} clips/s")
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        bar.update(advance=n, rate=f"{(bar.completed + n) / elapsed:6.0f} clips/s")
 
-    if bar is not None:
-        bar.start()
     try:
         if workers == 1:
             results: Iterable[list[dict[str, Any]]] = (_render_task(t) for t in tasks)
@@ -341,8 +321,7 @@ def build_digit_cache(cache_dir: str | Path, grid: DigitGrid = DEFAULT_GRID, num
                     entries += res
                     advance(len(res))
     finally:
-        if bar is not None:
-            bar.stop()
+        bar.close()
     seconds = time.perf_counter() - t0
     order = {s.file: i for i, s in enumerate(specs)}
     entries.sort(key=lambda e: order[e["file"]])
@@ -365,7 +344,7 @@ def build_digit_cache(cache_dir: str | Path, grid: DigitGrid = DEFAULT_GRID, num
         },
         "clips": entries,
     }
-    _atomic_write_bytes(cache_dir / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    atomic_write(cache_dir / MANIFEST_NAME, json.dumps(manifest, indent=1), durable=False)
     _remove_orphans(cache_dir, {e["file"] for e in entries})
     return manifest
 

@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -32,6 +31,8 @@ from domains.molecules.constants import (
 )
 from domains.molecules.egnn import fully_connected_edges
 from domains.molecules.features import element_index
+from multidiff.files import atomic_write
+from multidiff.progress import progress_bar
 
 __all__ = [
     "CONVERTER_VERSION",
@@ -120,8 +121,6 @@ def _parse_list(text: str) -> list[str]:
 
 def _convert(sources: Sequence[Traversable | Path], progress: bool) -> dict[str, Tensor]:
     """Parse the QM9 CSVs into flat arrays (positions Angstrom; Hartree energies converted to meV)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     texts = [(str(src), src.read_bytes().decode("utf-8")) for src in sources]
     total = sum(max(t.count("\n") - 1, 0) for _, t in texts)
     pos_chunks: list[np.ndarray] = []
@@ -131,14 +130,7 @@ def _convert(sources: Sequence[Traversable | Path], progress: bool) -> dict[str,
     smiles: list[str] = []
     index: list[int] = []
     columns = ["Index", "SMILES", "N_atoms", "Elements", "XYZ_Ang"] + [p.column for p in PROPERTIES]
-    with Progress(
-        TextColumn("[bold]converting QM9[/bold]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=not progress,
-    ) as bar:
-        task = bar.add_task("qm9", total=total)
+    with progress_bar("converting QM9", total, enabled=progress, eta=False) as bar:
         for name, text in texts:
             reader = csv.reader(io.StringIO(text, newline=""))
             header = next(reader, None)
@@ -165,8 +157,8 @@ def _convert(sources: Sequence[Traversable | Path], progress: bool) -> dict[str,
                 smiles.append(row[col["SMILES"]])
                 index.append(int(row[col["Index"]]))
                 if len(counts) % 2000 == 0:
-                    bar.update(task, completed=len(counts))
-        bar.update(task, completed=len(counts), total=len(counts))
+                    bar.update(completed=len(counts))
+        bar.update(completed=len(counts), total=len(counts))
     if not counts:
         raise ValueError(f"no molecules in {[name for name, _ in texts]}")
     if np.any(np.diff(index) <= 0):  # EDM's split permutes rows in sorted QM9-id order
@@ -184,17 +176,9 @@ def _convert(sources: Sequence[Traversable | Path], progress: bool) -> dict[str,
 
 
 def _write_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
-    """safetensors file written to a temp file in the same directory, then os.replace'd into place."""
+    """safetensors file written atomically (``multidiff.files.atomic_write``), readable by all like the cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is a plain shareable file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), durable=False, mode=0o644)
 
 
 def _read_cache(path: Path, expected_hash: str) -> QM9 | None:

@@ -50,6 +50,7 @@ from domains.molecules.constants import (
 from domains.molecules.features import atom_rows, num_features
 from domains.molecules.fragment import FragmentFrame
 from multidiff.config import positive
+from multidiff.files import atomic_write
 from multidiff.registry import Domain, RunConfig, SampleRequest
 from multidiff.spaces import Categorical, Graph, Product, Space, ZeroCoM
 
@@ -420,9 +421,7 @@ class MoleculesDomain(Domain[MolData, MolModel]):
             return set(path.read_text().split())
         smiles = reference_smiles(self.qm9(data), "train")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(sorted(smiles)) + "\n")
-        tmp.replace(path)
+        atomic_write(path, "\n".join(sorted(smiles)) + "\n", durable=False)
         return smiles
 
     @staticmethod
