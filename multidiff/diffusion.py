@@ -37,6 +37,7 @@ without bound at the ends of a schedule (SNR for eps-prediction) stay finite.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -180,105 +181,84 @@ def loss_weight(weighting: str, logsnr: Tensor, sigma_data: float = 1.0, gamma: 
     return _snr_weight(weighting, logsnr, sigma_data, gamma)
 
 
+# DiffusionConfig fields a Denoiser reads as attributes (den.target, den.t_min, ...); set from its config
+_DENOISER_SETTINGS = ("target", "sigma_data", "min_snr_gamma", "t_sampling", "t_min", "lognormal_mean", "lognormal_std",
+                      "logit_normal_mean", "logit_normal_std", "beta_a", "beta_b", "cond_drop", "self_condition",
+                      "categorical_weight")
+
+
 class Denoiser(nn.Module):
     """Wraps a backbone with preconditioning and the loss (cf. EDM's ``EDMPrecond``, k-diffusion's ``Denoiser``)."""
 
     def __init__(
         self,
         backbone: nn.Module,
-        schedule: Schedule | str = "cosine",
-        target: Target = "v",
-        weighting: Weighting = "target",
-        sigma_data: float = 1.0,
-        min_snr_gamma: float = 5.0,
-        t_sampling: TSampling = "uniform",
-        t_min: float = 1e-4,
-        lognormal_mean: float = -1.2,
-        lognormal_std: float = 1.2,
-        cond_drop: float = 0.0,
+        config: DiffusionConfig | Schedule | str = "cosine",
         *,
-        logit_normal_mean: float = 0.0,
-        logit_normal_std: float = 1.0,
-        beta_a: float = 1.0,
-        beta_b: float = 2.0,
         coupling: Coupling | None = None,
-        self_condition: float = 0.0,
-        categorical_weight: float = 1.0,
-        kernel: Kernel | str = "gaussian",
-        aug_dim: float | None = None,
+        kernel: Kernel | str | None = None,
+        **options: Any,
     ) -> None:
+        """``Denoiser(backbone, DiffusionConfig(...), coupling=...)``: everything but the backbone and the
+        coupling callable comes from the config (``from_config`` is the same with a check of ``cfg.coupling``).
+
+        The keyword form ``Denoiser(backbone, "cosine" | schedule, target="x0", ...)`` takes any
+        ``DiffusionConfig`` field as a keyword and builds that config; built this way ``cond_drop`` defaults to 0
+        (no condition dropout unless asked), not a recipe's 0.1. ``kernel`` may also be a ``Kernel`` object."""
         super().__init__()
-        self.kernel = get_kernel(kernel, aug_dim)
-        if target not in TARGETS:
-            raise ValueError(f"target: expected one of {TARGETS}, got {target!r}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {weighting!r}")
-        if t_sampling not in T_SAMPLINGS:
-            raise ValueError(f"t_sampling: expected one of {T_SAMPLINGS}, got {t_sampling!r}")
-        if t_sampling == "beta" and not (beta_a > 0 and beta_b > 0):
-            raise ValueError(f"beta_a, beta_b: expected > 0 for t_sampling='beta', got {beta_a}, {beta_b}")
-        if t_sampling == "logit_normal" and not logit_normal_std > 0:
-            raise ValueError(f"logit_normal_std: expected > 0, got {logit_normal_std}")
-        if not 0.0 <= self_condition <= 1.0:
-            raise ValueError(f"self_condition: expected a probability in [0, 1], got {self_condition}")
-        if self_condition > 0 and not getattr(backbone, "supports_self_conditioning", False):
-            raise ValueError(f"self_condition={self_condition}: the backbone {type(backbone).__name__} cannot take a "
+        schedule: Schedule | None = None
+        if isinstance(kernel, str):
+            options["kernel"] = kernel
+        if isinstance(config, DiffusionConfig):
+            if options:
+                config = dataclasses.replace(config, **options)
+        else:
+            if isinstance(config, Schedule):
+                schedule, name = config, config.name
+            else:
+                name = config
+            options.setdefault("cond_drop", 0.0)
+            config = DiffusionConfig(schedule=name, **options)
+        cfg = config
+        self.kernel = kernel if isinstance(kernel, Kernel) else get_kernel(cfg.kernel, cfg.aug_dim)
+        if cfg.target not in TARGETS:
+            raise ValueError(f"target: expected one of {TARGETS}, got {cfg.target!r}")
+        if cfg.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting: expected one of {WEIGHTINGS}, got {cfg.weighting!r}")
+        if cfg.t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"t_sampling: expected one of {T_SAMPLINGS}, got {cfg.t_sampling!r}")
+        if cfg.t_sampling == "beta" and not (cfg.beta_a > 0 and cfg.beta_b > 0):
+            raise ValueError(f"beta_a, beta_b: expected > 0 for t_sampling='beta', got {cfg.beta_a}, {cfg.beta_b}")
+        if cfg.t_sampling == "logit_normal" and not cfg.logit_normal_std > 0:
+            raise ValueError(f"logit_normal_std: expected > 0, got {cfg.logit_normal_std}")
+        if not 0.0 <= cfg.self_condition <= 1.0:
+            raise ValueError(f"self_condition: expected a probability in [0, 1], got {cfg.self_condition}")
+        if cfg.self_condition > 0 and not getattr(backbone, "supports_self_conditioning", False):
+            raise ValueError(f"self_condition={cfg.self_condition}: the backbone {type(backbone).__name__} cannot take a "
                              f"self-conditioning input (it does not set supports_self_conditioning; build it with "
                              f"self-conditioning enabled, e.g. the domain's model option)")
-        if not (categorical_weight >= 0 and math.isfinite(categorical_weight)):
-            raise ValueError(f"categorical_weight: expected a finite weight >= 0, got {categorical_weight}")
+        if not (cfg.categorical_weight >= 0 and math.isfinite(cfg.categorical_weight)):
+            raise ValueError(f"categorical_weight: expected a finite weight >= 0, got {cfg.categorical_weight}")
         if coupling is not None and not callable(coupling):
             raise TypeError(f"coupling: expected a callable (x0, noise, space) -> noise, got {type(coupling).__name__}")
-        if not 0.0 <= cond_drop <= 1.0:
-            raise ValueError(f"cond_drop: expected a probability in [0, 1], got {cond_drop}")
-        if sigma_data <= 0:
-            raise ValueError(f"sigma_data: expected > 0, got {sigma_data}")
+        if not 0.0 <= cfg.cond_drop <= 1.0:
+            raise ValueError(f"cond_drop: expected a probability in [0, 1], got {cfg.cond_drop}")
+        if cfg.sigma_data <= 0:
+            raise ValueError(f"sigma_data: expected > 0, got {cfg.sigma_data}")
+        self.config = cfg  # the one source of the settings below
         self.backbone = backbone
-        self.schedule = get_schedule(schedule)
-        self.target = target
-        self.weighting = target if weighting == "target" else weighting
-        self.sigma_data = sigma_data
-        self.min_snr_gamma = min_snr_gamma
-        self.t_sampling = t_sampling
-        self.t_min = t_min
-        self.lognormal_mean = lognormal_mean
-        self.lognormal_std = lognormal_std
-        self.logit_normal_mean = logit_normal_mean
-        self.logit_normal_std = logit_normal_std
-        self.beta_a = beta_a
-        self.beta_b = beta_b
-        self.cond_drop = cond_drop
+        self.schedule = schedule if schedule is not None else cfg.build_schedule()
         self.coupling = coupling
-        self.self_condition = self_condition
-        self.categorical_weight = categorical_weight
+        for name in _DENOISER_SETTINGS:
+            setattr(self, name, getattr(cfg, name))
+        self.weighting = cfg.target if cfg.weighting == "target" else cfg.weighting
 
     @classmethod
     def from_config(cls, backbone: nn.Module, cfg: DiffusionConfig, coupling: Coupling | None = None) -> "Denoiser":
         """Build from a ``DiffusionConfig`` (``coupling``: the callable named by ``cfg.coupling``, from the domain)."""
         if cfg.coupling is not None and coupling is None:
             raise ValueError(f"diffusion.coupling={cfg.coupling!r}: no coupling callable was given for it")
-        return cls(
-            backbone,
-            cfg.build_schedule(),
-            target=cfg.target,
-            weighting=cfg.weighting,
-            sigma_data=cfg.sigma_data,
-            min_snr_gamma=cfg.min_snr_gamma,
-            t_sampling=cfg.t_sampling,
-            t_min=cfg.t_min,
-            lognormal_mean=cfg.lognormal_mean,
-            lognormal_std=cfg.lognormal_std,
-            cond_drop=cfg.cond_drop,
-            logit_normal_mean=cfg.logit_normal_mean,
-            logit_normal_std=cfg.logit_normal_std,
-            beta_a=cfg.beta_a,
-            beta_b=cfg.beta_b,
-            coupling=coupling,
-            self_condition=cfg.self_condition,
-            categorical_weight=cfg.categorical_weight,
-            kernel=cfg.kernel,
-            aug_dim=cfg.aug_dim,
-        )
+        return cls(backbone, cfg, coupling=coupling)
 
     # --- preconditioning -------------------------------------------------------------------------
 
