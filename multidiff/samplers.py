@@ -114,30 +114,30 @@ class _Run:
         return self.ts[i].clone()
 
     def denoise(self, x: Tensor, t: Tensor, i: int) -> Tensor:
-        d = self.denoise_fn(x, t)
-        if not isinstance(d, Tensor) or d.shape != x.shape:
+        denoised = self.denoise_fn(x, t)
+        if not isinstance(denoised, Tensor) or denoised.shape != x.shape:
             raise ValueError(
-                f"denoise returned {tuple(d.shape) if isinstance(d, Tensor) else type(d).__name__}, "
+                f"denoise returned {tuple(denoised.shape) if isinstance(denoised, Tensor) else type(denoised).__name__}, "
                 f"expected a tensor shaped like x {tuple(x.shape)}"
             )
-        if not torch.isfinite(d).all():
+        if not torch.isfinite(denoised).all():
             raise FloatingPointError(f"denoise returned NaN or inf at step {i} (t={float(t):.6g}); the sampler stopped")
-        return self.space.project(d.to(x.dtype))
+        return self.space.project(denoised.to(x.dtype))
 
-    def eps(self, x: Tensor, d: Tensor, i: int) -> Tensor:
-        """eps_hat = (x - alpha d) / sigma at grid point i."""
-        return (x - self.alpha[i] * d) / self.sigma[i]
+    def eps(self, x: Tensor, denoised: Tensor, i: int) -> Tensor:
+        """eps_hat = (x - alpha denoised) / sigma at grid point i."""
+        return (x - self.alpha[i] * denoised) / self.sigma[i]
 
     def noise(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         return self.space.randn_like(x, generator)
 
-    def advance(self, x_new: Tensor, x: Tensor, d: Tensor, i: int, generator: torch.Generator | None) -> Tensor:
+    def advance(self, x_new: Tensor, x: Tensor, denoised: Tensor, i: int, generator: torch.Generator | None) -> Tensor:
         """Categorical parts of ``x_new`` replaced by the discrete jump from ``x`` at grid point i to i + 1."""
         if not self.discrete:
             return x_new
         x_new = x_new.clone()
         for sl, part in self.discrete:
-            x_new[..., sl] = jump(x[..., sl], d[..., sl], self.kappa[i], self.kappa[i + 1], generator, part.batch)
+            x_new[..., sl] = jump(x[..., sl], denoised[..., sl], self.kappa[i], self.kappa[i + 1], generator, part.batch)
         return x_new
 
     def keep_discrete(self, x_new: Tensor, source: Tensor) -> Tensor:
@@ -158,9 +158,9 @@ def _ddim_coefficients(a_t: float, s_t: float, a_s: float, s_s: float, eta: floa
     return math.sqrt(max(0.0, s_s**2 - c**2)), c
 
 
-def _emit(callback: Callback | None, run: _Run, i: int, x: Tensor, d: Tensor) -> None:
+def _emit(callback: Callback | None, run: _Run, i: int, x: Tensor, denoised: Tensor) -> None:
     if callback is not None:
-        callback(StepInfo(i=i, steps=run.steps, t=float(run.ts[i + 1]), x=x, denoised=d))
+        callback(StepInfo(i=i, steps=run.steps, t=float(run.ts[i + 1]), x=x, denoised=denoised))
 
 
 def sample_ddim(
@@ -179,14 +179,14 @@ def sample_ddim(
         raise ValueError(f"eta: expected >= 0, got {eta}")
     run = _Run(denoise, x, ts, schedule, space)
     for i in range(run.steps):
-        d = run.denoise(x, run.t(i), i)
-        eps = run.eps(x, d, i)
+        denoised = run.denoise(x, run.t(i), i)
+        eps = run.eps(x, denoised, i)
         w_eps, c = _ddim_coefficients(run.alpha[i], run.sigma[i], run.alpha[i + 1], run.sigma[i + 1], eta)
-        x_new = run.alpha[i + 1] * d + w_eps * eps
+        x_new = run.alpha[i + 1] * denoised + w_eps * eps
         if c > 0:
             x_new = x_new + c * run.noise(x_new, generator)
-        x = run.advance(x_new, x, d, i, generator)
-        _emit(callback, run, i, x, d)
+        x = run.advance(x_new, x, denoised, i, generator)
+        _emit(callback, run, i, x, denoised)
     return x
 
 
@@ -219,10 +219,10 @@ def sample_euler(
     da, ds = schedule.derivatives(run.ts)
     da, ds = da.tolist(), ds.tolist()
     for i in range(run.steps):
-        d = run.denoise(x, run.t(i), i)
+        denoised = run.denoise(x, run.t(i), i)
         dt = float(run.ts[i + 1] - run.ts[i])
-        x = run.advance(x + dt * (da[i] * d + ds[i] * run.eps(x, d, i)), x, d, i, generator)
-        _emit(callback, run, i, x, d)
+        x = run.advance(x + dt * (da[i] * denoised + ds[i] * run.eps(x, denoised, i)), x, denoised, i, generator)
+        _emit(callback, run, i, x, denoised)
     return x
 
 
@@ -248,15 +248,15 @@ def sample_euler_maruyama(
                 f"start the grid below t = {float(run.ts[i]):.4g} (e.g. the 'karras' grid)"
             )
         g2 = 2 * s * ds[i] - 2 * (da[i] / a) * s**2  # g(t)^2 = d sigma^2/dt - 2 f sigma^2, f = alpha'/alpha
-        d = run.denoise(x, run.t(i), i)
-        eps = run.eps(x, d, i)
+        denoised = run.denoise(x, run.t(i), i)
+        eps = run.eps(x, denoised, i)
         dt = float(run.ts[i + 1] - run.ts[i])  # negative
         # reverse drift = probability-flow drift - (g^2/2) score, score = -eps/sigma
-        x_new = x + dt * (da[i] * d + ds[i] * eps + 0.5 * g2 * eps / s)
+        x_new = x + dt * (da[i] * denoised + ds[i] * eps + 0.5 * g2 * eps / s)
         if i < run.steps - 1:
             x_new = x_new + math.sqrt(max(g2, 0.0) * -dt) * run.noise(x_new, generator)
-        x = run.advance(x_new, x, d, i, generator)
-        _emit(callback, run, i, x, d)
+        x = run.advance(x_new, x, denoised, i, generator)
+        _emit(callback, run, i, x, denoised)
     return x
 
 
@@ -270,19 +270,33 @@ def sample_heun(
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     churn: float = 0.0,
-    churn_min: float = 0.0,
-    churn_max: float = math.inf,
+    churn_interval: tuple[float, float] | None = None,
     noise_scale: float = 1.0,
+    churn_min: float | None = None,
+    churn_max: float | None = None,
 ) -> Tensor:
-    """Heun's 2nd-order method in sigma = sigma/alpha (Karras et al. 2022, Algorithm 2, with optional S_churn)."""
+    """Heun's 2nd-order method in sigma_ve = sigma/alpha (Karras et al. 2022, Algorithm 2, with optional S_churn).
+
+    ``churn_interval=(lo, hi)``: churn only at grid times lo < t <= hi (in t, like the grids and
+    ``guidance_interval``; EDM's S_tmin / S_tmax are sigma_ve values, convert with ``schedule.t_from_sigma_ve``);
+    None churns at every step."""
+    if churn_min is not None or churn_max is not None:
+        raise TypeError("sample_heun: churn_min / churn_max (EDM's S_tmin / S_tmax in sigma_ve units) were replaced by "
+                        "churn_interval=(t_lo, t_hi) in t, like the grids and guidance_interval; convert sigma_ve "
+                        "bounds with schedule.t_from_sigma_ve")
     if churn < 0:
         raise ValueError(f"churn: expected >= 0, got {churn}")
+    if churn_interval is not None:
+        lo, hi = (float(v) for v in churn_interval)
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"churn_interval: expected (lo, hi) with 0 <= lo < hi <= 1 in t, got {churn_interval}")
     run = _Run(denoise, x, ts, schedule, space)
     for i in range(run.steps):
         t, a_t, s_t = run.t(i), run.alpha[i], run.sigma[i]
         a_s, s_s = run.alpha[i + 1], run.sigma[i + 1]
         sve = s_t / a_t if a_t > 0 else math.inf
-        gamma = min(churn / run.steps, math.sqrt(2) - 1) if churn > 0 and churn_min <= sve <= churn_max else 0.0
+        in_interval = churn_interval is None or lo < float(t) <= hi
+        gamma = min(churn / run.steps, math.sqrt(2) - 1) if churn > 0 and in_interval else 0.0
         if gamma > 0 and math.isfinite(sve):
             # raise the noise level to sigma_hat = (1 + gamma) sigma by adding fresh noise (lines 4-6)
             s_top = float(schedule.sigma_ve(torch.tensor(1.0, dtype=torch.float64)))
@@ -291,16 +305,17 @@ def sample_heun(
             a_hat = float(schedule.alpha(t))
             z = x / a_t + math.sqrt(max(sve_hat**2 - sve**2, 0.0)) * noise_scale * run.noise(x, generator)
             x, a_t, s_t, sve = run.keep_discrete(a_hat * z, x), a_hat, a_hat * sve_hat, sve_hat
-        d = run.denoise(x, t, i)
-        eps = (x - a_t * d) / s_t
-        x_next = run.advance(a_s * d + s_s * eps, x, d, i, generator)  # Euler step in sigma_ve, native coordinates
+        denoised = run.denoise(x, t, i)
+        eps = (x - a_t * denoised) / s_t
+        # Euler step in sigma_ve, in native coordinates
+        x_next = run.advance(a_s * denoised + s_s * eps, x, denoised, i, generator)
         if s_s > 0 and math.isfinite(sve):
-            d2 = run.denoise(x_next, run.t(i + 1), i)
-            eps2 = (x_next - a_s * d2) / s_s
+            denoised2 = run.denoise(x_next, run.t(i + 1), i)
+            eps2 = (x_next - a_s * denoised2) / s_s
             # trapezoid: z_s = z + (sve_s - sve) (eps + eps2) / 2, i.e. Euler plus a_s (sve_s - sve)(eps2 - eps) / 2
             x_next = run.keep_discrete(x_next + 0.5 * (s_s - a_s * sve) * (eps2 - eps), x_next)
         x = x_next
-        _emit(callback, run, i, x, d)
+        _emit(callback, run, i, x, denoised)
     return x
 
 
@@ -317,21 +332,21 @@ def sample_dpmpp_2m(
     """DPM-Solver++(2M), the multistep 2nd-order data-prediction solver (Lu et al. 2022, Algorithm 2)."""
     run = _Run(denoise, x, ts, schedule, space)
     lam = [0.5 * l for l in schedule.logsnr(run.ts).tolist()]  # lambda = log(alpha / sigma)
-    d_prev: Tensor | None = None
+    denoised_prev: Tensor | None = None
     h_prev = math.nan
     for i in range(run.steps):
-        d = run.denoise(x, run.t(i), i)
+        denoised = run.denoise(x, run.t(i), i)
         a_t, s_t, a_s, s_s = run.alpha[i], run.sigma[i], run.alpha[i + 1], run.sigma[i + 1]
         h = lam[i + 1] - lam[i]
-        if d_prev is None or s_s == 0 or not math.isfinite(h) or not math.isfinite(h_prev):
-            d_corr = d  # first step, last step (to sigma = 0) and unbounded steps are first order
+        if denoised_prev is None or s_s == 0 or not math.isfinite(h) or not math.isfinite(h_prev):
+            denoised_corr = denoised  # first step, last step (to sigma = 0) and unbounded steps are first order
         else:
             r = h_prev / h
-            d_corr = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * d_prev
+            denoised_corr = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * denoised_prev
         # x_s = (sigma_s/sigma_t) x_t - alpha_s (exp(-h) - 1) d_corr, with alpha_s exp(-h) = sigma_s alpha_t / sigma_t
-        x = run.advance((s_s / s_t) * x + (a_s - s_s * a_t / s_t) * d_corr, x, d, i, generator)
-        d_prev, h_prev = d, h
-        _emit(callback, run, i, x, d)
+        x = run.advance((s_s / s_t) * x + (a_s - s_s * a_t / s_t) * denoised_corr, x, denoised, i, generator)
+        denoised_prev, h_prev = denoised, h
+        _emit(callback, run, i, x, denoised)
     return x
 
 
@@ -386,33 +401,33 @@ def sample_adaptive(
                                      f"(rtol={rtol}, atol={atol}); raise the tolerance or max_nfe")
         return run.denoise(native(z, t), t, counts["accepted"])
 
-    def report(t: float, x_now: Tensor, d: Tensor) -> None:
+    def report(t: float, x_now: Tensor, denoised: Tensor) -> None:
         if stats is not None:
             stats.clear()
             stats.update(counts)
         if callback is not None:
-            callback(StepInfo(i=counts["accepted"] - 1, steps=counts["accepted"], t=t, x=x_now, denoised=d,
+            callback(StepInfo(i=counts["accepted"] - 1, steps=counts["accepted"], t=t, x=x_now, denoised=denoised,
                               nfe=counts["nfe"]))
 
     start = 0
     if run.alpha[0] <= 0:  # alpha = 0 (flow at t = 1): one DDIM step to ts[1], as every sampler's first step there
-        d = den(x, run.t(0))
-        x = run.advance(run.alpha[1] * d + run.sigma[1] * run.eps(x, d, 0), x, d, 0, generator)
+        denoised = den(x, run.t(0))
+        x = run.advance(run.alpha[1] * denoised + run.sigma[1] * run.eps(x, denoised, 0), x, denoised, 0, generator)
         counts["accepted"] += 1
         start = 1
-        report(float(run.ts[1]), x, d)
+        report(float(run.ts[1]), x, denoised)
     z = x / run.alpha[start]
     for sl, _ in disc:
         z[..., sl] = x[..., sl]
     lam = 0.5 * float(schedule.logsnr(run.ts[start]))
     lam_end = 0.5 * float(schedule.logsnr(run.ts[end]))
     t = run.t(start)
-    d: Tensor | None = None
+    denoised: Tensor | None = None
     h = h_init
     r1, r2 = 1 / 3, 2 / 3
     while start < end and lam < lam_end:
-        if d is None:
-            d = den(z, t)
+        if denoised is None:
+            denoised = den(z, t)
         last = h >= lam_end - lam
         h = lam_end - lam if last else h
         t1, t2 = t_of(lam + r1 * h), t_of(lam + r2 * h)
@@ -424,14 +439,15 @@ def sample_adaptive(
             return math.exp(-step), i0, step - i0
 
         e1, a1, _ = phi(r1 * h)
-        z1 = e1 * z + a1 * d
-        d1 = den(z1, t1)
+        z1 = e1 * z + a1 * denoised
+        denoised1 = den(z1, t1)
         e2, a2, b2 = phi(r2 * h)
-        z2 = e2 * z + a2 * d + (b2 / (r1 * h)) * (d1 - d)
-        d2 = den(z2, t2)
+        z2 = e2 * z + a2 * denoised + (b2 / (r1 * h)) * (denoised1 - denoised)
+        denoised2 = den(z2, t2)
         e, a0, b0 = phi(h)
-        z_high = e * z + a0 * d + (b0 / (r2 * h)) * (d2 - d)  # DPM-Solver-3
-        err = (b0 / h) * ((d2 - d) / r2 - (d1 - d) / r1)  # z_high - z_low, z_low: DPM-Solver-2 (r1) from d1
+        z_high = e * z + a0 * denoised + (b0 / (r2 * h)) * (denoised2 - denoised)  # DPM-Solver-3
+        # z_high - z_low, z_low: DPM-Solver-2 (r1) from denoised1
+        err = (b0 / h) * ((denoised2 - denoised) / r2 - (denoised1 - denoised) / r1)
         for sl, _ in disc:
             z_high[..., sl] = z[..., sl]
             err[..., sl] = 0
@@ -444,20 +460,20 @@ def sample_adaptive(
             if disc:
                 k_t, k_s = float(kappa(schedule, t)), float(kappa(schedule, t_s))
                 for sl, part in disc:
-                    z_high[..., sl] = jump(z[..., sl], d[..., sl], k_t, k_s, generator, part.batch)
-            z, lam, t, d_start, d = z_high, lam_end if last else lam + h, t_s, d, None
+                    z_high[..., sl] = jump(z[..., sl], denoised[..., sl], k_t, k_s, generator, part.batch)
+            z, lam, t, denoised_start, denoised = z_high, lam_end if last else lam + h, t_s, denoised, None
             counts["accepted"] += 1
-            report(float(t), native(z, t), d_start)
+            report(float(t), native(z, t), denoised_start)
         else:
             counts["rejected"] += 1
         # the embedded estimate is 2nd order: error ~ h^3
         h = h * min(5.0, max(0.2, 0.9 * (1.0 / max(big, 1e-10)) ** (1 / 3)))
     x = native(z, t)
     if end < run.steps:  # sigma = 0 at the grid's end: the denoised value, categorical parts to their argmax
-        d = den(z, t) if d is None else d
-        x = run.advance(d.clone(), x, d, end, generator)
+        denoised = den(z, t) if denoised is None else denoised
+        x = run.advance(denoised.clone(), x, denoised, end, generator)
         counts["accepted"] += 1
-        report(0.0, x, d)
+        report(0.0, x, denoised)
     elif stats is not None:
         stats.clear()
         stats.update(counts)

@@ -60,7 +60,7 @@ def toy_mixture(cfg: ToyData) -> GaussianMixture:
 
 
 class ToyMLP(nn.Module):
-    """Residual MLP backbone ``forward(x_in, noise_level, cond)`` with a null label for CFG."""
+    """Residual MLP backbone ``forward(x_in, c_noise, cond)`` with a null label for CFG."""
 
     def __init__(self, num_classes: int, hidden: int = 128, layers: int = 3, fourier: int = 16) -> None:
         super().__init__()
@@ -75,8 +75,8 @@ class ToyMLP(nn.Module):
         )
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 2))
 
-    def forward(self, x: Tensor, noise_level: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
-        f = noise_level[:, None] * self.freqs[None] * 2 * math.pi
+    def forward(self, x: Tensor, c_noise: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
+        f = c_noise[:, None] * self.freqs[None] * 2 * math.pi
         e = self.emb(torch.cat([f.sin(), f.cos()], -1))
         label = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
         if cond is not None and "label" in cond:

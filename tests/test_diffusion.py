@@ -60,8 +60,8 @@ class Spy(nn.Module):
         self.out = out
         self.calls: list[tuple[Tensor, Tensor]] = []
 
-    def forward(self, x_in: Tensor, noise_level: Tensor, cond: dict | None = None) -> Tensor:
-        self.calls.append((x_in.detach().clone(), noise_level.detach().clone()))
+    def forward(self, x_in: Tensor, c_noise: Tensor, cond: dict | None = None) -> Tensor:
+        self.calls.append((x_in.detach().clone(), c_noise.detach().clone()))
         return self.out  # float64: the combination is checked to 1e-9
 
 
@@ -87,9 +87,9 @@ def test_v_preconditioning_is_edm_table1(schedule: str, sigma_data: float) -> No
     sigma = sigma_t / alpha  # EDM's sigma; x_t / alpha is EDM's x = y + sigma n
     x_edm = x_t / alpha[:, None]
     edm = edm_table1(sigma, sigma_data)
-    (x_in, noise_level), = spy.calls
+    (x_in, c_noise), = spy.calls
     assert torch.allclose(x_in.to(torch.float64), edm["c_in"][:, None] * x_edm, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(noise_level.to(torch.float64), edm["c_noise"], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(c_noise.to(torch.float64), edm["c_noise"], rtol=1e-5, atol=1e-6)
     expected = edm["c_skip"][:, None] * x_edm + edm["c_out"][:, None] * (-F)
     assert torch.allclose(denoised, expected, rtol=1e-9, atol=1e-9)
 
@@ -124,8 +124,8 @@ class EDMOracle(nn.Module):
         super().__init__()
         self.x0, self.target, self.sd = x0, target, sd
 
-    def forward(self, x_in: Tensor, noise_level: Tensor, cond: dict | None = None) -> Tensor:
-        sigma = torch.exp(4 * noise_level.to(torch.float64))[:, None]  # c_noise = ln(sigma) / 4
+    def forward(self, x_in: Tensor, c_noise: Tensor, cond: dict | None = None) -> Tensor:
+        sigma = torch.exp(4 * c_noise.to(torch.float64))[:, None]  # c_noise = ln(sigma) / 4
         x_edm = x_in.to(torch.float64) * torch.sqrt(sigma**2 + self.sd**2)  # c_in = 1 / sqrt(sigma^2 + sd^2)
         y = self.x0
         if self.target == "x0":
@@ -156,7 +156,7 @@ class Fixed(nn.Module):
         super().__init__()
         self.out = out
 
-    def forward(self, x_in: Tensor, noise_level: Tensor, cond: dict | None = None) -> Tensor:
+    def forward(self, x_in: Tensor, c_noise: Tensor, cond: dict | None = None) -> Tensor:
         return self.out
 
 

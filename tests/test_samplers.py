@@ -260,3 +260,27 @@ def test_euler_maruyama_refuses_alpha_zero_start() -> None:
     ts = make_grid(sch, 5, "uniform")  # starts at t = 1 where alpha = 0
     with pytest.raises(ValueError, match="alpha"):
         get_sampler("euler_maruyama")(_den, torch.zeros(4, 2), ts, sch)
+
+
+def test_heun_churn_interval_is_in_t_and_the_old_sigma_keys_are_refused() -> None:
+    """churn_interval=(lo, hi) churns at grid times lo < t <= hi, like guidance_interval; EDM's S_tmin / S_tmax
+    (sigma_ve units, the former churn_min / churn_max) are refused with the conversion to use."""
+    gm, sch = _mixture_1d(), get_schedule("cosine")
+    ts = make_grid(sch, 12, "karras")
+    x = torch.randn(256, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    heun = get_sampler("heun")
+
+    def run(**opts: object) -> torch.Tensor:
+        return heun(gm.denoiser(sch), x.clone(), ts, sch, generator=torch.Generator().manual_seed(1), **opts)
+
+    plain, churned = run(), run(churn=2.0)
+    assert not torch.equal(plain, churned)
+    assert torch.equal(run(churn=2.0, churn_interval=(0.0, 1.0)), churned)  # every grid time t is in (0, 1]
+    below_grid = float(ts[ts > 0].min()) / 2
+    assert torch.equal(run(churn=2.0, churn_interval=(0.0, below_grid)), plain)  # no grid time in the interval
+    partly = run(churn=2.0, churn_interval=(float(ts[6]), 1.0))
+    assert not torch.equal(partly, plain) and not torch.equal(partly, churned)
+    with pytest.raises(TypeError, match=r"churn_interval=\(t_lo, t_hi\) in t"):
+        run(churn=2.0, churn_min=0.05, churn_max=50.0)
+    with pytest.raises(ValueError, match="churn_interval"):
+        run(churn=2.0, churn_interval=(0.5, 0.2))

@@ -71,9 +71,9 @@ class NoiseLevelFourier(nn.Module):
         periods = torch.exp(torch.linspace(math.log(max_period), math.log(min_period), dim // 2))
         self.register_buffer("freqs", 2 * math.pi / periods, persistent=False)
 
-    def forward(self, noise_level: Tensor) -> Tensor:
+    def forward(self, c_noise: Tensor) -> Tensor:
         """[B] -> [B, dim] of cos/sin features."""
-        arg = noise_level.float()[:, None] * self.freqs[None, :]
+        arg = c_noise.float()[:, None] * self.freqs[None, :]
         return torch.cat([arg.cos(), arg.sin()], dim=1)
 
 
@@ -253,7 +253,7 @@ class UNet1D(nn.Module):
             rate, and a :class:`FullRateRefiner` on them plus the noisy input adds a correction to the
             output, so it is not limited to one linear map per frame. 0 = the unpatchify is the output.
 
-    ``forward(x, noise_level, cond)`` returns ``[B, in_channels, T]``; ``T`` must be divisible by
+    ``forward(x, c_noise, cond)`` returns ``[B, in_channels, T]``; ``T`` must be divisible by
     :attr:`total_factor`.
     """
 
@@ -364,14 +364,14 @@ class UNet1D(nn.Module):
             self.head = _zero_(nn.Conv1d(ch, in_channels, kernel_size, padding=kernel_size // 2))
         self.refiner = FullRateRefiner(in_channels, c0, emb_dim, kernel_size) if c0 else None
 
-    def embed(self, noise_level: Tensor, cond: dict[str, Tensor] | None, batch: int) -> Tensor:
-        """Conditioning vector SiLU(MLP(Fourier(noise_level)) + class_emb), [B, emb_dim] (ADM; CFG null class, Ho & Salimans 2022)."""
-        noise_level = torch.as_tensor(noise_level, device=self.noise_fourier.freqs.device)
-        if noise_level.ndim == 0:
-            noise_level = noise_level.expand(batch)
-        if noise_level.shape != (batch,):
-            raise ValueError(f"UNet1D: noise_level must have shape [{batch}] (or be a scalar), got {tuple(noise_level.shape)}")
-        emb = self.noise_mlp(self.noise_fourier(noise_level))
+    def embed(self, c_noise: Tensor, cond: dict[str, Tensor] | None, batch: int) -> Tensor:
+        """Conditioning vector SiLU(MLP(Fourier(c_noise)) + class_emb), [B, emb_dim] (ADM; CFG null class, Ho & Salimans 2022)."""
+        c_noise = torch.as_tensor(c_noise, device=self.noise_fourier.freqs.device)
+        if c_noise.ndim == 0:
+            c_noise = c_noise.expand(batch)
+        if c_noise.shape != (batch,):
+            raise ValueError(f"UNet1D: c_noise must have shape [{batch}] (or be a scalar), got {tuple(c_noise.shape)}")
+        emb = self.noise_mlp(self.noise_fourier(c_noise))
         cond = cond or {}
         if self.label_emb is None:
             if "label" in cond:
@@ -391,8 +391,8 @@ class UNet1D(nn.Module):
             label = torch.where(uncond.to(device=label.device, dtype=torch.bool).reshape(-1), self.null_class, label)
         return F.silu(emb + self.label_emb(label))
 
-    def forward(self, x: Tensor, noise_level: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
-        """Network output F(x, noise_level, cond) of shape ``x.shape`` = [B, C, T] (Dhariwal & Nichol 2021)."""
+    def forward(self, x: Tensor, c_noise: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
+        """Network output F(x, c_noise, cond) of shape ``x.shape`` = [B, C, T] (Dhariwal & Nichol 2021)."""
         if x.ndim != 3 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet1D: expected x of shape [B, {self.in_channels}, T], got {tuple(x.shape)}")
         T = x.shape[-1]
@@ -401,7 +401,7 @@ class UNet1D(nn.Module):
                 f"UNet1D: T={T} is not divisible by the total down-sampling factor {self.total_factor} "
                 f"(patch {self.patch} x factors {self.factors}); pad or crop the waveform"
             )
-        emb = self.embed(noise_level, cond, x.shape[0]).to(x.dtype)
+        emb = self.embed(c_noise, cond, x.shape[0]).to(x.dtype)
 
         h = self.stem(x)
         skips: list[Tensor] = []

@@ -116,9 +116,9 @@ class NoiseLevelEmbedding(nn.Module):
         self.register_buffer("freqs", freqs, persistent=False)
         self.out_dim = 1 + 2 * num_frequencies
 
-    def forward(self, noise_level: Tensor) -> Tensor:
+    def forward(self, c_noise: Tensor) -> Tensor:
         """``[B]`` noise levels to ``[B, out_dim]`` features."""
-        t = noise_level.reshape(-1, 1)
+        t = c_noise.reshape(-1, 1)
         angles = t * self.freqs.to(t.dtype)
         return torch.cat([t / self.scale, torch.sin(angles), torch.cos(angles)], dim=-1)
 
@@ -331,7 +331,7 @@ class EGNNDenoiser(nn.Module):
             its features join the node input and its squared distances the edge attributes (keyword only).
 
     Shapes:
-        - x: :math:`(N, 3 + F)`; noise_level: :math:`(B,)`; cond["properties"]: :math:`(B, C)`;
+        - x: :math:`(N, 3 + F)`; c_noise: :math:`(B,)`; cond["properties"]: :math:`(B, C)`;
           cond["uncond"]: :math:`(B,)` bool; batch: :math:`(N,)`
         - output: :math:`(N, 3 + F)`
     """
@@ -399,18 +399,18 @@ class EGNNDenoiser(nn.Module):
         u = uncond.to(like.dtype).unsqueeze(-1)
         return torch.cat([props * (1.0 - u), u], dim=-1)
 
-    def forward(self, x: Tensor, noise_level: Tensor, cond: dict[str, Tensor] | None = None, *, batch: Tensor,
+    def forward(self, x: Tensor, c_noise: Tensor, cond: dict[str, Tensor] | None = None, *, batch: Tensor,
                 self_cond: Tensor | None = None) -> Tensor:
         """Predict ``[position displacement (or coordinates) | features]`` for noisy molecules ``x``."""
         pos, feat = x[:, :3], x[:, 3:]
         if feat.size(1) != self.num_features:
             raise ValueError(f"expected {3 + self.num_features} input columns, got {x.size(1)}")
-        noise_level = noise_level.reshape(-1).to(x.dtype)
-        num_graphs = noise_level.numel()
+        c_noise = c_noise.reshape(-1).to(x.dtype)
+        num_graphs = c_noise.numel()
         if num_graphs == 1 and batch.numel() > 0:
             num_graphs = int(batch.max()) + 1
-            noise_level = noise_level.expand(num_graphs)
-        per_graph = [self.noise_embedding(noise_level)]
+            c_noise = c_noise.expand(num_graphs)
+        per_graph = [self.noise_embedding(c_noise)]
         if self.cond_dim > 0:
             per_graph.append(self._condition(cond, num_graphs, x))
         elif cond is not None and cond.get("properties") is not None and cond["properties"].numel() > 0:
@@ -446,12 +446,12 @@ class MolEGNN(EGNNDenoiser):
     The molecules domain's backbone (``MoleculesDomain.build_backbone``).
     """
 
-    def forward(self, x: Tensor, noise_level: Tensor, cond: dict[str, Tensor] | None = None, *, batch: Tensor,
+    def forward(self, x: Tensor, c_noise: Tensor, cond: dict[str, Tensor] | None = None, *, batch: Tensor,
                 anchor: Tensor | None = None, self_cond: Tensor | None = None) -> Tensor:
-        out = super().forward(x, noise_level, cond, batch=batch, self_cond=self_cond)
+        out = super().forward(x, c_noise, cond, batch=batch, self_cond=self_cond)
         if anchor is None:
             return out
-        pos = FragmentFrame(batch, anchor, noise_level.numel()).project(out[:, :3])
+        pos = FragmentFrame(batch, anchor, c_noise.numel()).project(out[:, :3])
         return torch.cat([pos, out[:, 3:]], dim=-1)
 
 
