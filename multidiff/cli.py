@@ -399,17 +399,14 @@ def export(
 
     Example: `multidiff export runs/audio data/checkpoints/audio.safetensors sample.guidance=3`.
     """
-    from .checkpoint import export_weights, load_checkpoint_for_sampling
-    from .config import ConfigError, config_from_dict, config_to_dict
-    from .registry import get_domain, run_config_class
+    from .checkpoint import export_weights
+    from .config import config_to_dict
+    from .pipeline import load_run
 
     try:
-        ckpt = load_checkpoint_for_sampling(checkpoint)
-        if "domain" not in ckpt.config:
-            raise ConfigError(f"{ckpt.path}: the checkpoint's config has no 'domain' (not written by multidiff train?)")
-        dom = get_domain(ckpt.config["domain"])
-        cfg = config_from_dict(run_config_class(dom), ckpt.config, source=f"{ckpt.path} (embedded config)")
-        cfg = _override_loaded(cfg, overrides, f"{ckpt.path} (embedded config)")
+        run = load_run(checkpoint)
+        ckpt = run.checkpoint
+        cfg = _override_loaded(run.cfg, overrides, f"{ckpt.path} (embedded config)")
         path = export_weights(ckpt, out, config_to_dict(cfg), prefer_ema=not raw)
     except _user_errors() as e:
         _fail(str(e))

@@ -10,12 +10,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint_for_sampling
-from .config import ConfigError, config_from_dict, config_to_dict, load_config
+from .config import ConfigError, config_to_dict, load_config
 from .files import write_json
 from .diffusion import Denoiser, SelfConditioning
 from .guidance import ClassifierFreeGuidance, GradientGuidance, Inpaint
-from .registry import Domain, SampleRequest, get_domain, run_config_class
+from .registry import Domain, Run, SampleRequest, get_domain, read_run, run_config_class
 from .samplers import StepInfo, get_sampler, prior
 from .schedules import make_grid
 from .training import Trainer, TrainResult
@@ -26,6 +25,8 @@ __all__ = [
     "load_run_config",
     "build_denoiser",
     "train",
+    "Run",
+    "load_run",
     "LoadedModel",
     "load_model",
     "generate",
@@ -127,25 +128,15 @@ class LoadedModel:
     path: Path
 
 
+load_run = read_run  # checkpoint -> Run(domain, resolved cfg, weights): the one way every caller reads a run
+
+
 def load_model(checkpoint: Path | str, device: str = "cpu", prefer_ema: bool = True) -> LoadedModel:
     """Rebuild the model from a checkpoint alone (the config travels in the safetensors metadata)."""
-    ckpt = load_checkpoint_for_sampling(checkpoint)
-    raw = ckpt.config
-    if "domain" not in raw:
-        raise ConfigError(f"{ckpt.path}: the checkpoint's config has no 'domain' (not written by multidiff train?)")
-    domain = get_domain(raw["domain"])
-    cfg = domain.resolve(config_from_dict(run_config_class(domain), raw, source=f"{ckpt.path} (embedded config)"))
-    denoiser = build_denoiser(domain, cfg)
-    prefix = "denoiser."
-    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in ckpt.weights(prefer_ema).items()}
-    missing, unexpected = denoiser.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"{ckpt.path}: weights do not match the model built from its config "
-            f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})"
-        )
+    run = load_run(checkpoint)
+    denoiser = run.load_into(build_denoiser(run.domain, run.cfg), "denoiser.", prefer_ema=prefer_ema)
     denoiser.to(device).eval().requires_grad_(False)
-    return LoadedModel(domain, cfg, denoiser, ckpt.step, ckpt.path)
+    return LoadedModel(run.domain, run.cfg, denoiser, run.step, run.path)
 
 
 def generate(

@@ -34,12 +34,13 @@ from typing import Any, Callable, ClassVar, Generic, Literal, Protocol, TypeVar
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
-from .config import positive
+from .checkpoint import LoadedCheckpoint, load_checkpoint_for_sampling
+from .config import ConfigError, config_from_dict, positive
 from .diffusion import Denoiser, DiffusionConfig
 from .spaces import Space
 from .training import TrainConfig
 
-__all__ = ["SampleConfig", "SampleRequest", "RunConfig", "Domain", "get_domain", "available_domains", "run_config_class", "ENTRY_POINT_GROUP"]
+__all__ = ["SampleConfig", "SampleRequest", "RunConfig", "Domain", "Run", "read_run", "get_domain", "available_domains", "run_config_class", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "multidiff.domains"
 
@@ -221,3 +222,52 @@ def run_config_class(domain: Domain) -> type:
             ],
         )
     return _RUN_CLASSES[key]
+
+
+# --- a checkpoint as (domain, config, weights) -------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A checkpoint read with its domain: the typed, resolved run config and the stored weights."""
+
+    domain: Domain
+    cfg: Any
+    checkpoint: LoadedCheckpoint
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint.path
+
+    @property
+    def step(self) -> int | None:
+        return self.checkpoint.step
+
+    def load_into(self, module: nn.Module, prefix: str = "", *, prefer_ema: bool = True, what: str = "model") -> nn.Module:
+        """Load the (EMA) weights into ``module``, a model built from ``cfg``: the keys under ``prefix`` with it
+        stripped (all keys when none has it); a mismatch raises ``ConfigError`` naming the checkpoint."""
+        weights = self.checkpoint.weights(prefer_ema)
+        if prefix and any(k.startswith(prefix) for k in weights):
+            weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        missing, unexpected = module.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ConfigError(f"{self.path}: weights do not match the {what} built from its config "
+                              f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+        return module
+
+
+def read_run(checkpoint: Path | str | LoadedCheckpoint, domain: Domain | None = None) -> Run:
+    """A run directory, checkpoint directory or ``.safetensors`` file (or a checkpoint already loaded) -> its
+    ``Run``: the domain named in the embedded config (looked up in the registry when ``domain`` is None; a given
+    ``domain`` must be the checkpoint's, which is how domain code reads its own checkpoints without a lookup), the
+    typed config through ``domain.resolve``, and the weights. ``multidiff.pipeline.load_run`` is this function."""
+    ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint_for_sampling(checkpoint)
+    raw = ckpt.config
+    if "domain" not in raw:
+        raise ConfigError(f"{ckpt.path}: the checkpoint's config has no 'domain' (not written by multidiff train?)")
+    if domain is None:
+        domain = get_domain(raw["domain"])
+    elif raw["domain"] != domain.name:
+        raise ConfigError(f"{ckpt.path}: a checkpoint of domain {raw['domain']!r}, not {domain.name!r}")
+    cfg = config_from_dict(run_config_class(domain), raw, source=f"{ckpt.path} (embedded config)")
+    return Run(domain, domain.resolve(cfg), ckpt)

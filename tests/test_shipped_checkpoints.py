@@ -39,11 +39,12 @@ def test_shipped_classifier_loads() -> None:
 def test_shipped_alpha_predictor_beats_shuffled_labels() -> None:
     """The shipped property predictor is far better than chance on molecules it never saw (generator half)."""
     from domains.molecules.data import _resolve_indices, load_qm9
-    from domains.molecules.properties import load_predictor, property_baselines
+    from domains.molecules.domain import MoleculesDomain
+    from domains.molecules.properties import property_baselines
 
     path = CKPTS / "molecules_alpha_predictor.safetensors"
     assert path.stat().st_size <= 20 * 2**20
-    predictor = load_predictor(path)
+    predictor = MoleculesDomain().load_predictor(path)
     assert predictor.names == ["alpha"]
     qm9 = load_qm9(progress=False)
     rows = property_baselines(predictor, qm9, _resolve_indices(len(qm9), "generator"), num=300)["alpha"]

@@ -415,20 +415,16 @@ def load_any_classifier(path: Path | str, device: str = "cpu") -> nn.Module:
 def _classifier_from_run(path: Path, prefer_ema: bool = True) -> nn.Module:
     """Rebuild the classifier of a multidiff training checkpoint (EMA weights unless ``prefer_ema=False``)."""
     from multidiff.checkpoint import load_checkpoint_for_sampling
-    from multidiff.config import config_from_dict
-    from multidiff.registry import run_config_class
+    from multidiff.registry import read_run
 
     ckpt = load_checkpoint_for_sampling(path)
     raw = ckpt.config
     if raw.get("domain") != "audio" or (raw.get("model") or {}).get("kind") != "classifier":
         raise ValueError(f"{ckpt.path}: not a digit classifier (expected a classifier file or a run of "
                          f"`multidiff train audio --config classifier`)")
-    cfg = config_from_dict(run_config_class(AudioDomain()), raw, source=f"{ckpt.path} (embedded config)")
-    model = _build_classifier(cfg)
-    prefix = "classifier."
-    state = {k[len(prefix):]: v for k, v in ckpt.weights(prefer_ema).items() if k.startswith(prefix)}
-    model.load_state_dict(state)
-    model.meta = {"source": str(ckpt.path), "step": ckpt.step, "class_names": _class_names(cfg.data)}
+    run = read_run(ckpt, AudioDomain())
+    model = run.load_into(_build_classifier(run.cfg), "classifier.", prefer_ema=prefer_ema, what="classifier")
+    model.meta = {"source": str(ckpt.path), "step": ckpt.step, "class_names": _class_names(run.cfg.data)}
     return model.eval()
 
 

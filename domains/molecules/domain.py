@@ -51,7 +51,7 @@ from domains.molecules.features import atom_rows, num_features
 from domains.molecules.fragment import FragmentFrame
 from multidiff.config import positive
 from multidiff.files import atomic_write
-from multidiff.registry import Domain, RunConfig, SampleRequest
+from multidiff.registry import Domain, RunConfig, SampleRequest, read_run
 from multidiff.spaces import Categorical, Graph, Product, Space, ZeroCoM
 
 __all__ = [
@@ -562,16 +562,27 @@ class MoleculesDomain(Domain[MolData, MolModel]):
         return self._given_n[key]
 
     # --- property predictor: gradient guidance and EDM's property MAE -------------------------------------------
+    def load_predictor(self, path: Path | str, device: str = "cpu") -> Any:
+        """The ``PropertyPredictor`` of a ``multidiff train molecules --config property_predictor`` run or checkpoint."""
+        from domains.molecules.properties import predictor_from_run
+        from multidiff.checkpoint import load_checkpoint_for_sampling
+
+        ckpt = load_checkpoint_for_sampling(Path(path).expanduser())
+        raw = ckpt.config
+        if raw.get("domain") != self.name or (raw.get("model") or {}).get("kind") != "predictor":
+            raise ValueError(f"{ckpt.path}: not a molecular property predictor (expected a run of "
+                             f"`multidiff train molecules --config property_predictor`, got domain={raw.get('domain')!r}, "
+                             f"model.kind={(raw.get('model') or {}).get('kind')!r})")
+        return predictor_from_run(read_run(ckpt, self), device)
+
     def predictor(self, data: MolData) -> Any:
         """The property predictor named by ``data.predictor`` (loaded once per path)."""
-        from domains.molecules.properties import load_predictor
-
         if data.predictor is None:
             raise ValueError("molecules: no property predictor; set data.predictor=RUN_OR_CHECKPOINT (train one with "
                              "`multidiff train molecules --config property_predictor`)")
         key = str(Path(data.predictor).expanduser())
         if key not in self._predictors:
-            self._predictors[key] = load_predictor(key)
+            self._predictors[key] = self.load_predictor(key)
         return self._predictors[key]
 
     def guidance_log_prob(self, cfg: MolConfig, request: SampleRequest) -> Any:

@@ -12,8 +12,8 @@ molecules of the second ("generator") half:
 plus **n atoms only** (EDM's "#Atoms" row): predicting each label by the mean label of molecules with the same
 atom count, i.e. what conditioning only on the size would reach.
 
-The predictor trains with ``multidiff train molecules --config property_predictor``; point
-``data.predictor`` at its run (or checkpoint file) to get these metrics from ``multidiff evaluate molecules``
+The predictor trains with ``multidiff train molecules --config property_predictor`` and is read by
+``MoleculesDomain.load_predictor``; point ``data.predictor`` at its run (or checkpoint file) to get these metrics from ``multidiff evaluate molecules``
 and to steer sampling with ``--gradient-scale``.
 """
 
@@ -31,7 +31,7 @@ from domains.molecules.constants import ATOMIC_NUMBERS, ELEMENTS
 from domains.molecules.features import atom_rows
 from domains.molecules.metrics import MoleculeLike, as_arrays
 
-__all__ = ["PropertyPredictor", "load_predictor", "molecule_batch", "property_baselines", "property_metrics",
+__all__ = ["PropertyPredictor", "predictor_from_run", "molecule_batch", "property_baselines", "property_metrics",
            "guidance_log_prob", "BASELINE_MOLECULES"]
 
 BASELINE_MOLECULES = 5000  # generator-half molecules used for the baseline rows (fixed seed)
@@ -83,32 +83,18 @@ def molecule_batch(mols: Sequence[MoleculeLike], include_charges: bool = True) -
     return torch.cat(rows), batch, len(sizes)
 
 
-def load_predictor(path: Path | str, device: str = "cpu") -> PropertyPredictor:
-    """The property predictor of a ``multidiff train molecules --config property_predictor`` run or checkpoint."""
-    from multidiff.checkpoint import load_checkpoint_for_sampling
-    from multidiff.config import config_from_dict
-    from multidiff.registry import get_domain, run_config_class
-
-    ckpt = load_checkpoint_for_sampling(Path(path).expanduser())
-    raw = ckpt.config
-    if raw.get("domain") != "molecules" or (raw.get("model") or {}).get("kind") != "predictor":
-        raise ValueError(f"{ckpt.path}: not a molecular property predictor (expected a run of "
-                         f"`multidiff train molecules --config property_predictor`, got domain={raw.get('domain')!r}, "
-                         f"model.kind={(raw.get('model') or {}).get('kind')!r})")
-    domain = get_domain("molecules")
-    cfg = config_from_dict(run_config_class(domain), raw, source=f"{ckpt.path} (embedded config)")
-    data = cfg.data
+def predictor_from_run(run: Any, device: str = "cpu") -> PropertyPredictor:
+    """The property predictor of a ``multidiff.registry.Run`` of ``--config property_predictor`` (read by
+    ``MoleculesDomain.load_predictor``, which checks the run is one)."""
+    data = run.cfg.data
     if len(data.property_mean) != len(data.conditioning) or len(data.property_mad) != len(data.conditioning):
-        raise ValueError(f"{ckpt.path}: the embedded config lacks the property mean/MAD the predictor was trained with")
-    module = domain.training_module(cfg)
+        raise ValueError(f"{run.path}: the embedded config lacks the property mean/MAD the predictor was trained with")
+    module = run.domain.training_module(run.cfg)
     assert module is not None
-    missing, unexpected = module.load_state_dict(ckpt.weights(prefer_ema=True), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt.path}: weights do not match the predictor built from its config "
-                         f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+    run.load_into(module, what="predictor")
     net = module.predictor.to(device).eval().requires_grad_(False)
     return PropertyPredictor(net, list(data.conditioning), torch.tensor(data.property_mean, device=device),
-                             torch.tensor(data.property_mad, device=device), data.include_charges, ckpt.path, ckpt.step)
+                             torch.tensor(data.property_mad, device=device), data.include_charges, run.path, run.step)
 
 
 def _mae(a: Tensor, b: Tensor) -> Tensor:

@@ -14,10 +14,9 @@ from torch_geometric.utils import scatter
 from multidiff import pipeline
 from multidiff.registry import get_domain
 
-from domains.molecules import properties
 from domains.molecules.data import QM9, _resolve_indices, load_qm9
-from domains.molecules.domain import MolData, _samples_targets
-from domains.molecules.properties import PropertyPredictor, load_predictor, property_baselines, property_metrics
+from domains.molecules.domain import MolData, MoleculesDomain, _samples_targets
+from domains.molecules.properties import PropertyPredictor, property_baselines, property_metrics
 from tests.molecules.test_mol_domain import cli, last_json, squash
 
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "checkpoints" / "molecules.safetensors"
@@ -82,7 +81,7 @@ def test_property_metrics_mae_against_written_targets(qm9: QM9, tmp_path: Path) 
 
 def test_gradient_guidance_steers_the_predicted_property(monkeypatch: pytest.MonkeyPatch) -> None:
     """--gradient-scale pulls the predictor's value of the samples toward the asked-for target."""
-    monkeypatch.setattr(properties, "load_predictor", lambda path: fake(Gyration(), ["alpha"]))
+    monkeypatch.setattr(MoleculesDomain, "load_predictor", lambda self, path: fake(Gyration(), ["alpha"]))
     model = pipeline.load_model(SHIPPED)
     model.cfg.data.predictor = "gyration"
     req = model.domain.request(model.cfg, 24, {"alpha": "8", "n": "14"}, seed=0)
@@ -105,7 +104,7 @@ def test_predictor_cli_train_sample_evaluate(tmp_path: Path) -> None:
     pred = tmp_path / "pred"
     last_json(cli("train", "molecules", "--config", "property_predictor", "model.hidden=16", "model.layers=2",
                   "train.steps=10", "train.batch_size=16", "data.max_molecules=256", "--out", str(pred), "--no-progress"))
-    loaded = load_predictor(pred)
+    loaded = MoleculesDomain().load_predictor(pred)
     assert loaded.names == ["alpha"] and loaded.step == 10
     out = tmp_path / "s"
     res = last_json(cli("sample", "molecules", f"data.predictor={pred}", "sample.batch_size=4", "--condition", "alpha=70", "--num", "6",
@@ -120,7 +119,7 @@ def test_predictor_cli_train_sample_evaluate(tmp_path: Path) -> None:
 
     # a denoiser is not a predictor; a property without a predictor lists what to do; no model.* at sampling
     with pytest.raises(ValueError, match="not a molecular property predictor"):
-        load_predictor(SHIPPED)
+        MoleculesDomain().load_predictor(SHIPPED)
     p = cli("sample", "molecules", "--condition", "alpha=70", "--num", "2", "--out", str(tmp_path / "x"))
     assert p.returncode != 0 and "data.predictor" in squash(p.stderr)
     p = cli("sample", "molecules", "model.hidden=8", "--num", "2", "--out", str(tmp_path / "y"))
