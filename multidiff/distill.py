@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,18 +57,30 @@ def distill(
     guidance: float | None = None,
     grid: str | None = None,
     seed: int = 0,
+    max_minutes: float | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Distil ``model`` (a ``pipeline.LoadedModel``) into a ``steps``-step DDIM student written to ``out`` as a run
-    directory; ``rounds`` halvings (default: teacher grid of >= the checkpoint's sample.steps), ``iters`` per round."""
+    directory; ``rounds`` halvings (default: teacher grid of >= the checkpoint's sample.steps), ``iters`` per round.
+
+    ``max_minutes`` bounds the training wall-clock: each round gets an equal share of the time left when it starts
+    and stops at ``iters`` or at its share, whichever comes first (the iterations done are in the checkpoint's
+    ``distill`` metadata). The guided teacher applies the checkpoint's ``sample.guidance_interval`` (plain conditional
+    outside it), as ``multidiff sample`` does."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"--steps: expected an integer >= 1, got {steps!r}")
     if iters < 1 or lr <= 0:
         raise ValueError(f"iters, lr: expected >= 1 and > 0, got {iters}, {lr}")
+    if max_minutes is not None and not (math.isfinite(max_minutes) and max_minutes > 0):
+        raise ValueError(f"--max-minutes: expected a number > 0, got {max_minutes}")
+    start = time.monotonic()
+    deadline = None if max_minutes is None else start + 60.0 * max_minutes
     dom, cfg, teacher = model.domain, model.cfg, model.denoiser
     schedule = teacher.schedule
     grid = grid or cfg.sample.grid
     w = float(cfg.sample.guidance if guidance is None else guidance)
+    interval = cfg.sample.guidance_interval
+    interval = tuple(float(v) for v in interval) if interval is not None else None
     if rounds is None:
         rounds = max(1, math.ceil(math.log2(max(cfg.sample.steps, 2 * steps) / steps)))
     grids = [make_grid(schedule, steps, grid)]
@@ -76,8 +89,10 @@ def distill(
     dataset = dom.build_dataset(cfg, "train")
     bs = batch_size or cfg.train.batch_size
     gen = torch.Generator().manual_seed(seed)
+    # collate_fn(cfg) is the registry's call (#13); dom.collate the older attribute
+    collate = dom.collate_fn(cfg) if hasattr(dom, "collate_fn") else dom.collate
     loader = torch.utils.data.DataLoader(dataset, batch_size=bs, shuffle=True, drop_last=len(dataset) >= bs,
-                                         collate_fn=dom.collate_fn(cfg), generator=gen)
+                                         collate_fn=collate, generator=gen)
     batches = iter(loader)
 
     def next_batch() -> Any:
@@ -90,12 +105,18 @@ def distill(
 
     device = next(teacher.parameters()).device
     current = teacher.eval().requires_grad_(False)
+    done: list[int] = []
     for r in range(rounds):
+        round_end = None if deadline is None else time.monotonic() + (deadline - time.monotonic()) / (rounds - r)
         coarse, fine = grids[rounds - 1 - r], grids[rounds - r]  # student grid, teacher grid (refined)
         guided = r == 0 and w != 1.0
         student = copy.deepcopy(current).train().requires_grad_(True)
         opt = torch.optim.Adam(student.parameters(), lr=lr)
+        it = -1
         for it in range(iters):
+            if round_end is not None and it > 0 and time.monotonic() >= round_end:
+                it -= 1
+                break
             batch = next_batch()
             x0, cond, kwargs = dom.unpack(batch)
             x0, space = x0.to(device), dom.space(batch)
@@ -112,7 +133,7 @@ def distill(
             def teach(x: Tensor, tt: Tensor) -> Tensor:
                 fn = lambda xx, ttt, c: current(xx, ttt, c, space=space, **kwargs)  # noqa: E731
                 if guided and cond is not None:
-                    return ClassifierFreeGuidance(fn, cond, w, num_samples=num, batched=False)(x, tt)
+                    return ClassifierFreeGuidance(fn, cond, w, num_samples=num, batched=False, interval=interval)(x, tt)
                 return fn(x, tt, cond)
 
             with torch.no_grad():
@@ -131,15 +152,22 @@ def distill(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if log is not None and (it + 1) % max(1, iters // 5) == 0:
+            every = max(1, iters // 5) if deadline is None else 100
+            if log is not None and (it + 1) % every == 0:
                 log({"round": r + 1, "rounds": rounds, "student_steps": coarse.numel() - 1, "iter": it + 1,
-                     "loss": float(loss)})
+                     "loss": float(loss.detach()), "minutes": round((time.monotonic() - start) / 60.0, 2)})
+        done.append(it + 1)
+        if log is not None:
+            log({"round": r + 1, "rounds": rounds, "student_steps": coarse.numel() - 1, "iters_done": it + 1,
+                 "minutes": round((time.monotonic() - start) / 60.0, 2)})
         current = student.eval().requires_grad_(False)
     student_cfg = copy.deepcopy(cfg)
     student_cfg.sample.sampler, student_cfg.sample.steps = "ddim", steps
     student_cfg.sample.grid, student_cfg.sample.guidance = grid, 1.0
     student_cfg.sample.guidance_interval = None
     out = Path(out)
-    meta = {"distilled_from": str(model.path), "distill": {"steps": steps, "rounds": rounds, "iters": iters,
-                                                           "guidance": w, "grid": grid}}
-    return save_checkpoint(out, rounds * iters, current.state_dict(), None, {}, config_to_dict(student_cfg), meta)
+    meta = {"distilled_from": str(model.path), "distill": {
+        "steps": steps, "rounds": rounds, "iters": iters, "iters_done": done, "guidance": w,
+        "guidance_interval": list(interval) if interval is not None else None, "grid": grid, "lr": lr,
+        "batch_size": bs, "minutes": round((time.monotonic() - start) / 60.0, 2)}}
+    return save_checkpoint(out, sum(done), current.state_dict(), None, {}, config_to_dict(student_cfg), meta)

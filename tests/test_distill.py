@@ -72,3 +72,48 @@ def test_bad_input_is_named(teacher: Path, tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "multidiff.cli", "distill", "audio", "--checkpoint", str(teacher),
                         "--steps", "2", "--out", str(tmp_path / "y")], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode != 0 and "for domain 'toy', not 'audio'" in p.stderr
+
+
+def _student_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def _distill_meta(path: Path) -> dict:
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return json.loads(f.metadata()["distill"])
+
+
+def test_max_minutes_bounds_each_round_and_is_recorded(teacher: Path, tmp_path: Path) -> None:
+    import time
+
+    model = pipeline.load_model(teacher)
+    t0 = time.monotonic()
+    path = distill(model, 2, tmp_path / "s", rounds=2, iters=10**7, batch_size=16, max_minutes=0.02)
+    took = time.monotonic() - t0
+    meta = _distill_meta(path)
+    assert len(meta["iters_done"]) == 2 and all(1 <= n < 10**7 for n in meta["iters_done"]), meta
+    assert took < 30 and meta["minutes"] < 0.5, (took, meta)
+    assert pipeline.load_model(tmp_path / "s").cfg.sample.steps == 2
+    with pytest.raises(ValueError, match="--max-minutes"):
+        distill(model, 2, tmp_path / "x", max_minutes=0)
+
+
+def test_the_teacher_is_guided_only_in_the_checkpoint_guidance_interval(teacher: Path, tmp_path: Path) -> None:
+    """An interval that holds none of the grid's times leaves the teacher plain conditional: the student is bit for
+    bit the one distilled at guidance 1, and a different one without the interval."""
+    kw = dict(rounds=1, iters=3, batch_size=16, lr=1e-3, seed=3)
+    plain = _student_state(distill(pipeline.load_model(teacher), 2, tmp_path / "plain", guidance=1.0, **kw))
+    guided = _student_state(distill(pipeline.load_model(teacher), 2, tmp_path / "guided", guidance=3.0, **kw))
+    model = pipeline.load_model(teacher)
+    model.cfg.sample.guidance_interval = (0.0, 1e-6)  # grid times are >= t_min = 1e-4
+    path = distill(model, 2, tmp_path / "outside", guidance=3.0, **kw)
+    outside = _student_state(path)
+    assert _distill_meta(path)["guidance_interval"] == [0.0, 1e-6]
+    assert all(torch.equal(outside[k], plain[k]) for k in plain)
+    assert any(not torch.equal(guided[k], plain[k]) for k in plain)
