@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,8 +80,17 @@ class DigitClassifier(nn.Module):
         x = (x - peak).clamp_min(-self.dynamic_range)
         return (x / (0.5 * self.dynamic_range) + 1.0).unsqueeze(1)
 
+    def check_length(self, audio: torch.Tensor) -> None:
+        """ValueError unless clips [..., T] are long enough for one STFT frame of the log-mel front end."""
+        need = self.logmel.n_fft // 2 + 1
+        if audio.shape[-1] < need:
+            raise ValueError(f"clips of {audio.shape[-1]} samples are too short for the digit classifier: its "
+                             f"{self.logmel.n_fft}-point STFT needs at least {need} samples "
+                             f"({need / self.sample_rate:.3f} s at {self.sample_rate} Hz)")
+
     def spectrogram(self, audio: torch.Tensor) -> torch.Tensor:
         """Network input [B,1,n_mels,frames] for audio [B,1,T]."""
+        self.check_length(audio)
         return self.normalize(self.logmel(audio))
 
     def embed_spectrogram(self, spec: torch.Tensor) -> torch.Tensor:
@@ -139,21 +147,7 @@ def accuracy(model: DigitClassifier, clips: AudioClips, batch_size: int = 256) -
     return float((logits.argmax(1) == clips.labels.cpu()).float().mean())
 
 
-def _augment_mel_power(power: torch.Tensor, noise_shape: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random gain and additive white noise at a random peak-SNR, applied to mel power [B,M,F] (powers of uncorrelated signals add)."""
-    b = power.shape[0]
-    gain = 10.0 ** (torch.empty(b, 1, 1).uniform_(-12.0, 6.0, generator=gen) / 10.0)
-    power = power * gain
-    peak = power.amax(dim=(1, 2), keepdim=True)
-    snr_db = torch.empty(b, 1, 1).uniform_(10.0, 60.0, generator=gen)
-    use = (torch.rand(b, 1, 1, generator=gen) < 0.7).float()
-    # A white-noise periodogram bin is exponentially distributed around its mean.
-    fluctuation = -torch.log(torch.rand(power.shape, generator=gen).clamp_min(1e-12))
-    noise = peak * 10.0 ** (-snr_db / 10.0) * noise_shape.view(1, -1, 1) * fluctuation
-    return power + use * noise
-
-
-def _augment_spectrogram(s: torch.Tensor, gen: torch.Generator, max_shift: float = 0.3) -> torch.Tensor:
+def augment_spectrogram(s: torch.Tensor, gen: torch.Generator, max_shift: float = 0.3) -> torch.Tensor:
     """Per-clip time shift, time stretch and low-anchored mel-axis warp (a cheap stand-in for speed and vocal-tract-length perturbation), then SpecAugment masks (Park et al. 2019) on normalised [B,1,M,F] input."""
     b, _, m, f = s.shape
     # affine_grid maps output coords in [-1,1] to input coords: u_in = a*u_out + c.
@@ -180,113 +174,6 @@ def _augment_spectrogram(s: torch.Tensor, gen: torch.Generator, max_shift: float
         r = torch.arange(f).view(1, f)
         mask |= ((r >= s0[:, None]) & (r < (s0 + w)[:, None])).view(b, 1, 1, f)
     return torch.where(mask, fill, s)
-
-
-def train_classifier(
-    train: AudioClips,
-    valid: AudioClips | None = None,
-    epochs: int = 15,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    seed: int = 0,
-    progress: bool = True,
-    weight_decay: float = 0.05,
-    augment: bool = True,
-    label_smoothing: float = 0.0,
-    device: str | torch.device | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-) -> tuple[DigitClassifier, list[dict[str, float]]]:
-    """Train a DigitClassifier with AdamW (Loshchilov & Hutter 2019), warm-up + cosine decay and feature-domain augmentation.
-
-    Augmentation (``augment=True``) acts on mel power computed once per clip: gain, white noise at a random SNR,
-    time shift, time stretch, mel-axis warp and SpecAugment masks. History rows: epoch, loss, train_acc
-    (on augmented batches), seconds, and valid_acc when `valid` is given (reporting only, no model selection).
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    kwargs = {"num_classes": len(train.class_names), "sample_rate": train.sample_rate, **(model_kwargs or {})}
-    model = DigitClassifier(**kwargs).to(device)
-    audio = audio_at(train.audio, train.sample_rate, model.sample_rate).float()
-    labels = train.labels.long()
-    n = audio.shape[0]
-    if n == 0:
-        raise ValueError("train has no clips")
-    # Augmentation works on mel power, so the STFT of the training set is computed once.
-    with torch.no_grad():
-        power = torch.cat([model.logmel.mel(audio[i : i + 256, 0].to(device)).cpu() for i in range(0, n, 256)])
-    fb_sum = model.logmel.mel.mel_scale.fb.sum(dim=0).cpu()
-    noise_shape = fb_sum / fb_sum.max()
-    floor = model.logmel.floor
-    steps_per_epoch = max(1, n // batch_size)
-    total = epochs * steps_per_epoch
-    warmup = min(steps_per_epoch, max(1, total // 10))
-    decay, no_decay = [], []
-    for param in model.parameters():
-        (no_decay if param.dim() <= 1 else decay).append(param)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    history: list[dict[str, float]] = []
-    columns = (
-        TextColumn("[bold]classifier[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    step = 0
-    start = time.perf_counter()
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("epoch 1", total=total)
-        for epoch in range(epochs):
-            model.train()
-            t0 = time.perf_counter()
-            perm = torch.randperm(n, generator=gen)
-            loss_sum, correct, seen = 0.0, 0, 0
-            for i in range(steps_per_epoch):
-                idx = perm[i * batch_size : (i + 1) * batch_size]
-                batch_power = power[idx]
-                if augment:
-                    batch_power = _augment_mel_power(batch_power, noise_shape, gen)
-                spec = model.normalize(torch.log(batch_power.clamp_min(floor)))
-                if augment:
-                    spec = _augment_spectrogram(spec, gen)
-                spec, y = spec.to(device), labels[idx].to(device)
-                logits = model.head(model.embed_spectrogram(spec))
-                loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                loss_sum += float(loss.detach()) * len(idx)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(idx)
-                bar.update(task, advance=1, description=f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.3f}")
-            row = {
-                "epoch": float(epoch + 1),
-                "loss": loss_sum / seen,
-                "train_acc": correct / seen,
-                "seconds": time.perf_counter() - t0,
-            }
-            if valid is not None:
-                row["valid_acc"] = accuracy(model, valid)
-                bar.update(task, description=f"epoch {epoch + 1}/{epochs} valid {row['valid_acc']:.3f}")
-            history.append(row)
-    model.eval()
-    model.meta = {"train_seconds": time.perf_counter() - start, "epochs": epochs, "seed": seed,
-                  "class_names": list(train.class_names)}
-    return model, history
 
 
 def save_classifier(model: DigitClassifier, path: str | Path, meta: dict[str, Any] | None = None) -> Path:

@@ -79,6 +79,7 @@ __all__ = [
     "AudioDataWarning",
     "AudioReadError",
     "ClipDataset",
+    "concat_clips",
     "DecodedAudio",
     "DigitCacheError",
     "DIGIT_WORDS",
@@ -208,6 +209,29 @@ class AudioClips:
         return AudioClips(audio=self.audio[index], labels=self.labels[index], groups=[self.groups[i] for i in picks],
                           sample_rate=self.sample_rate, class_names=list(self.class_names),
                           sources=[self.sources[i] for i in picks], version=self.version)
+
+
+def concat_clips(parts: Sequence[AudioClips]) -> AudioClips:
+    """The clips of several sets one after the other; they must share sample rate, clip length and class names.
+    The version is a hash of the parts' versions (None when any part has none)."""
+    if not parts:
+        raise ValueError("concat_clips needs at least one AudioClips")
+    first = parts[0]
+    for p in parts[1:]:
+        if p.sample_rate != first.sample_rate or p.audio.shape[-1] != first.audio.shape[-1]:
+            raise ValueError(f"cannot concatenate clips of {p.audio.shape[-1]} samples at {p.sample_rate} Hz with "
+                             f"clips of {first.audio.shape[-1]} samples at {first.sample_rate} Hz")
+        if list(p.class_names) != list(first.class_names):
+            raise ValueError(f"cannot concatenate clips with classes {p.class_names} and {first.class_names}")
+    versions = [p.version for p in parts]
+    version = (hashlib.sha256("|".join(versions).encode()).hexdigest()[:16]  # type: ignore[arg-type]
+               if all(v is not None for v in versions) else None)
+    if len(parts) == 1:
+        version = first.version
+    return AudioClips(audio=torch.cat([p.audio for p in parts]), labels=torch.cat([p.labels for p in parts]),
+                      groups=[g for p in parts for g in p.groups], sample_rate=first.sample_rate,
+                      class_names=list(first.class_names), sources=[s for p in parts for s in p.sources],
+                      version=version)
 
 
 class ClipDataset(torch.utils.data.Dataset):

@@ -23,7 +23,7 @@ import json
 import math
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -82,6 +82,9 @@ class AudioData:
     classifier: str | None = None  # digit-classifier checkpoint for metrics (default data/checkpoints/audio_classifier.safetensors)
     wav_format: Literal["auto", "pcm16", "float"] = "auto"  # auto: 16-bit PCM, float when inpainting a non-16-bit clip
     seed: int = 0  # of the max_clips subset
+    # more labelled sources {source: root} whose train split joins data.source's in training (same classes, e.g.
+    # {fsdd: DIR, speechcommands: DIR} for the digit classifier); evaluation splits stay data.source's
+    extra_sources: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,8 +108,15 @@ class AudioModel:
     n_mels: int = positive(64)
     embed_dim: int = positive(128)
     classifier_dropout: float = 0.3
-    augment: bool = True  # gain / noise / shift / stretch / mel-warp / SpecAugment (Park et al. 2019)
+    # training augmentation (domains.audio.augment): true = all, false = none, or a list of
+    # speed, reverb, gain, noise, telephone, spectrogram
+    augment: bool | tuple[str, ...] = True
     label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        from domains.audio.augment import augmentation_names
+
+        augmentation_names(self.augment, "model.augment")  # unknown names: a ValueError naming the field
 
 
 # --- data ------------------------------------------------------------------------------------------------------------
@@ -186,6 +196,24 @@ def load_clips(data: AudioData, split: str = "train") -> Any:
     if list(clips.class_names) != names:
         raise ValueError(f"the data's classes {clips.class_names} differ from data.class_names {names}")
     return clips
+
+
+def _with_extra_sources(data: AudioData, clips: Any) -> Any:
+    """`clips` (data.source's train split) followed by the train split of every ``data.extra_sources`` entry."""
+    from dataclasses import replace
+
+    from domains.audio.data import concat_clips
+
+    parts = [clips]
+    for source, root in data.extra_sources.items():
+        if source not in ("digits", "fsdd", "speechcommands", "folder"):
+            raise ValueError(f"data.extra_sources: unknown source {source!r} (digits, fsdd, speechcommands, folder)")
+        extra = replace(data, source=source, root=root, extra_sources={}, class_names=list(_class_names(data)))
+        try:
+            parts.append(load_clips(extra, "train"))
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"data.extra_sources.{source}={root!r}: {err}") from err
+    return concat_clips(parts)
 
 
 def _clip_headers(data: AudioData, split: str, synced: Any) -> Any:
@@ -351,45 +379,40 @@ def _build_classifier(cfg: Any) -> nn.Module:
 
 
 class ClassifierLoss(nn.Module):
-    """``forward(batch)`` = cross-entropy of the digit classifier (the SC09 judge, Donahue et al. 2019) on a batch."""
+    """``forward(batch)`` = cross-entropy of the digit classifier (the SC09 judge, Donahue et al. 2019) on a batch,
+    with the waveform and spectrogram augmentations of `domains.audio.augment` in training mode (global RNG, so a
+    resumed run continues its stream)."""
 
-    def __init__(self, classifier: nn.Module, augment: bool = True, label_smoothing: float = 0.0) -> None:
+    def __init__(self, classifier: nn.Module, augment: bool | tuple[str, ...] = True, label_smoothing: float = 0.0,
+                 length: int | None = None) -> None:
+        from domains.audio.augment import augmentation_names
+
         super().__init__()
         self.classifier = classifier
-        self.augment = augment
+        self.augment = augmentation_names(augment, "model.augment")
         self.label_smoothing = label_smoothing
-        fb = classifier.logmel.mel.mel_scale.fb.sum(dim=0)
-        self.register_buffer("noise_shape", fb / fb.max(), persistent=False)
+        self.length = length  # expected clip length in samples (data.seconds x data.sample_rate), when known
 
     def forward(self, batch: Any) -> Tensor:
+        from domains.audio.augment import augment_waveforms
+        from domains.audio.classifier import augment_spectrogram
+
         audio, labels = batch
         clf = self.classifier
+        if self.length is not None and audio.shape[-1] != self.length:
+            raise ValueError(f"classifier training got clips of {audio.shape[-1]} samples, expected {self.length} "
+                             f"(data.seconds x data.sample_rate)")
+        clf.check_length(audio)
         with torch.no_grad():
-            power = clf.logmel.mel(audio[:, 0].float())
-            if self.augment and self.training:
-                power = self._augment_power(power)
-            spec = clf.normalize(torch.log(power.clamp_min(clf.logmel.floor)))
-            if self.augment and self.training:
-                spec = self._augment_spec(spec)
+            audio = audio.float()
+            if self.training and self.augment:
+                audio = augment_waveforms(audio.cpu(), clf.sample_rate, self.augment,
+                                          torch.default_generator).to(audio.device)
+            spec = clf.spectrogram(audio)
+            if self.training and "spectrogram" in self.augment:
+                spec = augment_spectrogram(spec.cpu(), torch.default_generator).to(spec.device)
         logits = clf.head(clf.embed_spectrogram(spec))
         return F.cross_entropy(logits, labels.long(), label_smoothing=self.label_smoothing)
-
-    def _augment_power(self, power: Tensor) -> Tensor:
-        """Random gain and white noise on mel power, drawn from the global RNG (resumable runs)."""
-        try:
-            from domains.audio.classifier import _augment_mel_power
-        except ImportError:  # pragma: no cover - the classifier module changed its helpers
-            return power
-        out = _augment_mel_power(power.cpu(), self.noise_shape.cpu(), torch.default_generator)
-        return out.to(power.device)
-
-    def _augment_spec(self, spec: Tensor) -> Tensor:
-        """Shift / stretch / mel-warp and SpecAugment masks on the normalised log-mel."""
-        try:
-            from domains.audio.classifier import _augment_spectrogram
-        except ImportError:  # pragma: no cover
-            return spec
-        return _augment_spectrogram(spec.cpu(), torch.default_generator).to(spec.device)
 
 
 def load_any_classifier(path: Path | str, device: str = "cpu") -> nn.Module:
@@ -465,6 +488,8 @@ class AudioDomain(Domain[AudioData, AudioModel]):
         from domains.audio.data import ClipDataset
 
         clips = load_clips(cfg.data, split)
+        if split == "train" and cfg.data.extra_sources:
+            clips = _with_extra_sources(cfg.data, clips)
         dataset = ClipDataset(clips, max_shift=cfg.data.max_shift if split == "train" else 0)
         dataset.data_version = clips.version  # type: ignore[attr-defined]  # recorded in the run log by the trainer
         return dataset
@@ -492,7 +517,8 @@ class AudioDomain(Domain[AudioData, AudioModel]):
         """The digit-classifier cross-entropy for model.kind=classifier; None trains the denoiser."""
         if cfg.model.kind != "classifier":
             return None
-        return ClassifierLoss(_build_classifier(cfg), cfg.model.augment, cfg.model.label_smoothing)
+        return ClassifierLoss(_build_classifier(cfg), cfg.model.augment, cfg.model.label_smoothing,
+                              length=_clip_length(cfg.data))
 
     def unpack(self, batch: Any) -> tuple[Tensor, dict[str, Tensor] | None, dict[str, Any]]:
         x, label = batch
