@@ -7,7 +7,8 @@ Meant for comparing the same recipe after different training times (e.g. 1 h vs 
    using the recipe's ``sample`` settings (sampler, grid, steps, guidance) unless overridden, and write them with
    ``domain.write`` (WAVs, labels.json, spectrograms.png) into ``--out`` (default: a temporary directory);
 3. score them with ``domain.evaluate`` (the shipped digit classifier ``data/checkpoints/audio_classifier.safetensors``
-   or the run's ``data.classifier``; FID / AM / NDB against the held-out test split);
+   or the run's ``data.classifier``, or each ``--classifier`` in turn on the same samples, so that numbers under an
+   old and a new judge can be mapped; FID / AM / NDB against the held-out test split);
 4. score the real held-out test clips the same way with ``domains.audio.metrics.reference_row`` (against the
    training clips): the row a perfect model would approach. It is printed twice: all test clips, and a
    label-balanced subset of the same size as the generated set (FID and NDB/K depend on the sample size).
@@ -117,6 +118,9 @@ def main() -> None:
     p.add_argument("--keep-max-clips", action="store_true",
                    help="score against the checkpoint's data.max_clips subset instead of the full splits")
     p.add_argument("--no-reference", action="store_true", help="skip the real-data rows")
+    p.add_argument("--classifier", nargs="+", default=None,
+                   help="judge(s): the same samples and real clips are scored by each in turn (default: the run's "
+                        "data.classifier, else the shipped one)")
     a = p.parse_args()
     if a.per_label < 1:
         p.error("--per-label must be >= 1")
@@ -165,20 +169,36 @@ def main() -> None:
     emit("sampling s", {**setting, "n": n_gen}, sampling_s, "s")
     emit("rtf", {**setting, "n": n_gen}, sampling_s / (n_gen * cfg.data.seconds), "compute s / audio s")
 
-    # --- score the samples ---
+    # --- score the samples (with each judge) ---
+    judges = a.classifier or [None]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(a.out) if a.out else Path(tmp) / "samples"
         domain.write(samples, out)
-        metrics = domain.evaluate(out, eval_cfg)
+        for i, judge in enumerate(judges):
+            if judge is not None:
+                eval_cfg.data.classifier = str(Path(judge).resolve())
+            score(a, model, samples, out, eval_cfg, dict(setting), first=i == 0)
+
+
+def score(a: argparse.Namespace, model: pipeline.LoadedModel, samples: dict, out: Path, eval_cfg: Any,
+          setting: dict, first: bool) -> None:
+    """The sample rows and the real rows under the judge of ``eval_cfg.data.classifier``; the judge-free numbers
+    (rms, silent share, lines, patch grid) only with the ``first`` judge."""
+    domain, cfg = model.domain, model.cfg
+    names = list(cfg.data.class_names)
+    n_gen = samples["audio"].shape[0]
+    metrics = domain.evaluate(out, eval_cfg)
     if isinstance(metrics.get("classifier_metrics"), str):
         raise SystemExit(f"no classifier metrics: {metrics['classifier_metrics']}")
     if isinstance(metrics.get("reference"), str):
         print(f"warning: reference set {metrics['reference']}", file=sys.stderr)
     setting["classifier"] = metrics.get("classifier", str(DEFAULT_CLASSIFIER))
     emit_row("samples", metrics, setting)
-    for key in ("rms", "silent_share"):
-        emit(key, {**setting, "row": "samples", "n": n_gen}, metrics[key], "fraction" if key == "silent_share" else "rms")
-    if cfg.model.patch > 1:
+    if first:
+        for key in ("rms", "silent_share"):
+            emit(key, {**setting, "row": "samples", "n": n_gen}, metrics[key],
+                 "fraction" if key == "silent_share" else "rms")
+    if first and cfg.model.patch > 1:
         emit_grid_lines(samples["audio"], cfg, {**setting, "row": "samples"})
         for t, share in patch_grid_share(model).items():
             emit("patch_grid_share", {**setting, "t": t, "patch": cfg.model.patch}, share, "fraction of denoised RMS on silence")
@@ -197,7 +217,7 @@ def main() -> None:
     emit_row("real test (all)", reference_row(test, clf, train=train, ndb_bins=ndb_bins), ref_setting)
     sub = test.subset(balanced_subset(test.labels, a.per_label, len(names), a.seed))
     emit_row("real test (size-matched)", reference_row(sub, clf, train=train, ndb_bins=ndb_bins), ref_setting)
-    if cfg.model.patch > 1:
+    if first and cfg.model.patch > 1:
         emit_grid_lines(sub.audio, cfg, {**ref_setting, "row": "real test (size-matched)"})
 
 

@@ -58,8 +58,9 @@ def test_shipped_alpha_predictor_beats_shuffled_labels() -> None:
 #   0.612); the same network with random weights (torch.manual_seed(0), the recipe's initialisation): atom stability
 #   0.021, molecule stability 0, but validity 0.44 (scattered atoms make small valid fragments), so validity is no floor.
 # audio.safetensors judged by audio_classifier.safetensors, one clip per digit (10), dpmpp_2m 10 steps with the file's
-#   guidance 3 for t <= 0.8: conditional accuracy 0.9 (published 0.944 on 160 clips at 25 steps, ~3 s CPU); chance is
-#   0.1 and the random-weight model scores 0.1 (the judge hears one digit in its noise).
+#   guidance 3 for t <= 0.8: conditional accuracy 0.9 under the judge shipped since issue #17 (espeak + FSDD) as under
+#   the espeak-only one before it (published 0.888 / old judge 0.944 on 160 clips at 25 steps, ~3 s CPU); chance is
+#   0.1 and the random-weight model scores 0.0 (old judge 0.1: it heard one digit in the noise).
 MOL_ATOM_STABILITY_FLOOR = 0.8
 MOL_STABILITY_FLOOR = 0.05  # more than 3 of 64 molecules entirely stable (binomial at 0.238: ~15 +- 3.4)
 AUDIO_ACCURACY_FLOOR = 0.6
