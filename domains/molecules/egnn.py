@@ -244,8 +244,9 @@ class CoordUpdate(MessagePassing):
         bf16 autocast (``train.precision=bf16``), so positions are only moved by fp32 amounts."""
         m = F.silu(p_i + q_j + self.lin_a(edge_attr))
         hidden = F.silu(self.lin2(m))
+        weight = self.lin_out.weight  # a method on an int8 dynamic-quantized Linear (--precision int8): fp32 input
         with torch.autocast(hidden.device.type, enabled=False):
-            phi = self.lin_out(hidden.to(self.lin_out.weight.dtype))
+            phi = self.lin_out(hidden.to(weight.dtype if isinstance(weight, Tensor) else torch.float32))
         if self.tanh:
             phi = torch.tanh(phi) * self.coords_range
         return coord_diff * phi
