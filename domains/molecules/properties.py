@@ -13,8 +13,8 @@ plus **n atoms only** (EDM's "#Atoms" row): predicting each label by the mean la
 atom count, i.e. what conditioning only on the size would reach.
 
 The predictor trains with ``multidiff train molecules --config property_predictor`` and is read by
-``MoleculesDomain.load_predictor``; point ``data.predictor`` at its run (or checkpoint file) to get these metrics from ``multidiff evaluate molecules``
-and to steer sampling with ``--gradient-scale``.
+``MoleculesDomain.load_predictor``; point ``data.predictor`` at its run (or checkpoint file) to get these metrics
+from ``multidiff evaluate molecules`` and to steer sampling with ``--gradient-scale``.
 """
 
 from __future__ import annotations
