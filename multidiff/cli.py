@@ -180,7 +180,7 @@ def sample(
     overwrite: Annotated[bool, typer.Option(help="Sample into a non-empty --out: first delete the domain's earlier sample files and metrics.json there (other files stay).")] = False,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same samples on CPU).")] = 0,
     jobs: Annotated[Optional[Path], typer.Option(help="A JSONL file of requests, one per line (id, num, seed, label, conditions, steps, ...): each job goes to --out/ID atomically and into --out/manifest.jsonl; re-running resumes; sharded over torchrun ranks.")] = None,
-    precision: Annotated[str, typer.Option(help="fp32, bf16 (autocast; fp32 with one warning on a CPU without AVX-512 BF16/AMX) or int8 (dynamic quantization of linear layers, CPU). See README 'when to use which'.")] = "fp32",
+    precision: Annotated[str, typer.Option(help="auto (default: bf16 for a domain measured faster in it, audio, on a CPU with AVX-512 BF16/AMX; else fp32), fp32, bf16 (autocast; fp32 with one warning on a CPU without AVX-512 BF16/AMX) or int8 (dynamic quantization of linear layers, CPU). See README 'when to use which'.")] = "auto",
     device: DeviceOpt = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -196,7 +196,7 @@ def sample(
     from .registry import get_domain
 
     if jobs is not None:
-        if precision != "fp32":
+        if precision not in ("fp32", "auto"):
             _fail(f"--precision {precision}: not with --jobs yet (batch jobs sample in fp32)")
         _sample_jobs(domain, overrides, checkpoint, jobs, out, num=num, steps=steps, sampler=sampler, grid=grid,
                      guidance=guidance, gradient_scale=gradient_scale, seed=seed, device=device,
@@ -216,9 +216,9 @@ def sample(
         if model.domain.name != domain:
             _fail(f"{ckpt}: this checkpoint is for domain {model.domain.name!r}, not {domain!r}")
         model.cfg = _override_loaded(model.cfg, overrides, f"{model.path} (embedded config)")
-        from .inference import set_precision
+        from .inference import resolve_precision, set_precision
 
-        used_precision = set_precision(model.denoiser, precision, dev)
+        used_precision = set_precision(model.denoiser, resolve_precision(precision, model.domain, dev), dev)
         n = num if num is not None else model.cfg.sample.num
         if n < 1:
             raise ValueError(f"--num must be >= 1, got {n}")
@@ -244,9 +244,9 @@ def sample(
                                                     seed=seed, callback=record, before_write=clear_earlier)
         if used_nfe:  # --sampler adaptive: the network passes it chose, summed over its sampler calls
             metrics["sampler_nfe"] = sum(used_nfe.values())
-        if precision != "fp32":
+        if precision not in ("fp32", "auto") or used_precision != "fp32":
             metrics["precision"] = used_precision
-        if used_nfe or precision != "fp32":
+        if "precision" in metrics or used_nfe:
             write_json(out / METRICS_FILE, metrics)
     except _user_errors() as e:
         _fail(str(e))

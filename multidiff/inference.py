@@ -20,7 +20,7 @@ from torch import nn
 from .diffusion import Denoiser
 from .training import _AutocastForward, cpu_has_fast_bf16
 
-__all__ = ["PRECISIONS", "Precision", "PrecisionWarning", "set_precision"]
+__all__ = ["PRECISIONS", "Precision", "PrecisionWarning", "resolve_precision", "set_precision"]
 
 Precision = Literal["fp32", "bf16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
@@ -35,6 +35,18 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _said:
         _said.add(key)
         warnings.warn(message, PrecisionWarning, stacklevel=3)
+
+
+def resolve_precision(precision: str, domain: object, device: torch.device | str = "cpu") -> str:
+    """``multidiff sample --precision``: 'auto' (the default) is the domain's ``sample_precision`` (a class attribute,
+    set where bench/inference_precision.py measured it faster at equal quality: audio bf16) on a CPU that runs it
+    natively (bf16: AVX-512 BF16 or AMX), else fp32, without a warning; any other value is returned unchanged."""
+    if precision != "auto":
+        return precision
+    preferred = getattr(domain, "sample_precision", "fp32")
+    if torch.device(device).type != "cpu" or (preferred == "bf16" and not cpu_has_fast_bf16()):
+        return "fp32"  # only measured on CPU
+    return preferred
 
 
 def set_precision(denoiser: Denoiser, precision: str, device: torch.device | str = "cpu") -> str:

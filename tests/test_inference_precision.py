@@ -145,3 +145,19 @@ def test_shipped_molecules_network_within_tolerance_of_fp32(precision: str, monk
             out = low.denoiser(x, tt, request.cond, space=request.space, **request.kwargs)
             assert out.dtype == torch.float32 and torch.isfinite(out).all()
             assert _rel(out, out_ref) < TOL["molecules"][precision], (t, _rel(out, out_ref))
+
+
+def test_auto_is_the_domains_measured_choice_where_the_cpu_runs_it(monkeypatch) -> None:
+    from multidiff.inference import resolve_precision
+    from multidiff.registry import get_domain
+
+    audio, molecules, toy = get_domain("audio"), get_domain("molecules"), get_domain("toy")
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto", audio) == "bf16"  # measured 1.57x at equal quality (README)
+    assert resolve_precision("auto", molecules) == "fp32" and resolve_precision("auto", toy) == "fp32"  # 0.76x
+    assert resolve_precision("auto", audio, "cuda") == "fp32"  # only measured on CPU
+    assert resolve_precision("int8", audio) == "int8" and resolve_precision("fp32", audio) == "fp32"
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto falls back silently: nothing was asked for
+        assert resolve_precision("auto", audio) == "fp32"

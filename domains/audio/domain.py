@@ -475,6 +475,9 @@ class AudioDomain(Domain[AudioData, AudioModel]):
     ModelConfig = AudioModel
     output_patterns = ("sample_*.wav", GRID_FILE, LABELS_FILE)
     default_recipe = "digits"
+    # multidiff sample --precision auto: the U-Net samples 1.57x faster (CPU time) under bf16 autocast at equal
+    # quality (160 clips: cond. acc. 0.838 vs 0.844, FID 372 vs 371; bench/inference_precision.py, README)
+    sample_precision = "bf16"
 
     # --- data and model ---------------------------------------------------------------------------
     def resolve(self, cfg: AudioConfig) -> AudioConfig:
