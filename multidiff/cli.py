@@ -366,6 +366,7 @@ def distill(
     guidance: Annotated[Optional[float], typer.Option(help="Teacher CFG scale to distil in (default: the checkpoint's sample.guidance).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     max_minutes: Annotated[Optional[float], typer.Option(help="Wall-clock budget for training: each round gets an equal share of the time left (and stops at --iters at the latest).")] = None,
+    grid: Annotated[Optional[str], typer.Option(help="The student's step grid: uniform, logsnr or karras (default: the checkpoint's sample.grid).")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Progressive distillation (Salimans & Ho 2022) of a checkpoint into a few-step student with CFG distilled in;
@@ -382,7 +383,7 @@ def distill(
             raise ValueError(f"--checkpoint {checkpoint}: this checkpoint is for domain {model.domain.name!r}, "
                              f"not {domain!r}; distil it with `multidiff distill {model.domain.name} ...`")
         path = run_distill(model, steps, out, rounds=rounds, iters=iters, batch_size=batch_size, lr=lr,
-                           guidance=guidance, seed=seed, max_minutes=max_minutes, log=lambda rec: print(dumps_json(rec), file=sys.stderr))
+                           guidance=guidance, grid=grid, seed=seed, max_minutes=max_minutes, log=lambda rec: print(dumps_json(rec), file=sys.stderr))
     except _user_errors() as e:
         _fail(str(e))
         return

@@ -25,7 +25,7 @@ from torch import Tensor
 from .checkpoint import save_checkpoint
 from .config import config_to_dict
 from .guidance import ClassifierFreeGuidance
-from .schedules import Schedule, make_grid
+from .schedules import GRIDS, Schedule, make_grid
 
 __all__ = ["refine_grid", "distill"]
 
@@ -78,6 +78,8 @@ def distill(
     dom, cfg, teacher = model.domain, model.cfg, model.denoiser
     schedule = teacher.schedule
     grid = grid or cfg.sample.grid
+    if grid not in GRIDS:
+        raise ValueError(f"--grid: unknown grid {grid!r}; expected one of {sorted(GRIDS)}")
     w = float(cfg.sample.guidance if guidance is None else guidance)
     interval = cfg.sample.guidance_interval
     interval = tuple(float(v) for v in interval) if interval is not None else None

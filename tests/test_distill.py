@@ -68,6 +68,8 @@ def test_bad_input_is_named(teacher: Path, tmp_path: Path) -> None:
     model = pipeline.load_model(teacher)
     with pytest.raises(ValueError, match="--steps"):
         distill(model, 0, tmp_path / "x")
+    with pytest.raises(ValueError, match="--grid: unknown grid 'karas'"):
+        distill(model, 2, tmp_path / "x", grid="karas")
     env = {**os.environ, "MULTIDIFF_MALLOC": "system", "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "multidiff.cli", "distill", "audio", "--checkpoint", str(teacher),
                         "--steps", "2", "--out", str(tmp_path / "y")], capture_output=True, text=True, env=env, timeout=600)
