@@ -114,7 +114,7 @@ def files_of(sample: dict) -> dict[str, dict]:
 def test_health_domains_page(server) -> None:
     assert httpx.get(server.url + "/healthz").json()["domains"] == ["audio", "molecules"]
     info = httpx.get(server.url + "/v1/domains").json()
-    assert info["audio"]["labels"][7] == "seven" and info["molecules"]["defaults"]["sampler"] == "ancestral"
+    assert info["audio"]["labels"][7] == "seven" and info["molecules"]["defaults"]["sampler"] == "heun"
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "<title>multidiff</title>" in page.text
     assert 'src="http' not in page.text and 'href="http' not in page.text and "@import" not in page.text  # no CDN
