@@ -18,7 +18,7 @@ from multidiff.toy import ToyMLP
 AUDIO = Path(__file__).resolve().parents[1] / "data" / "checkpoints" / "audio.safetensors"
 # RMS(out - out_fp32) / RMS(out_fp32) allowed; measured: toy denoised 8.6e-4 (bf16) / 4.5e-3 (int8); shipped audio
 # U-Net output F at t = 0.3 / 0.7: 5.1e-3 / 6.6e-3 (bf16), 2.6e-2 / 1.4e-2 (int8)
-TOL = {"toy": {"bf16": 1e-2, "int8": 2e-2}, "audio": {"bf16": 2e-2, "int8": 6e-2}, "molecules": {"bf16": 3e-2, "int8": 0.15}}
+TOL = {"toy": {"bf16": 1e-2, "int8": 2e-2}, "audio": {"bf16": 2e-2, "int8": 6e-2}, "molecules": {"bf16": 0.25, "int8": 0.6}}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -130,8 +130,10 @@ MOLECULES = Path(__file__).resolve().parents[1] / "data" / "checkpoints" / "mole
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_shipped_molecules_network_within_tolerance_of_fp32(precision: str, monkeypatch) -> None:
     """The EGNN's fp32 coordinate head (kept out of bf16 autocast) also runs when int8 quantization has replaced its
-    nn.Linear (whose ``weight`` is then a method); measured rel. diff of the denoised rows (4 molecules, seed 3) at
-    t = 0.3 / 0.7: bf16 6.3e-3 / 1.3e-2, int8 5.0e-2 / 7.5e-2; the tolerance is about 2x that."""
+    nn.Linear (whose ``weight`` is then a method). Measured rel. diff of the denoised rows (4 molecules, seed 3; the
+    input is N(0, 1) rows, not a realistic x_t, so the network is off its data at t = 0.3) at t = 0.3 / 0.7: the
+    flow / x0 / categorical model shipped in 69da1c2 bf16 0.117 / 5.2e-3, int8 0.30 / 3.6e-2 (the edm_poly / eps model
+    before it: bf16 6.3e-3 / 1.3e-2, int8 5.0e-2 / 7.5e-2); the tolerance is about 2x the larger."""
     monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
     ref, low = pipeline.load_model(MOLECULES), pipeline.load_model(MOLECULES)
     assert set_precision(low.denoiser, precision) == precision
