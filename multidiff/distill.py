@@ -91,8 +91,7 @@ def distill(
     dataset = dom.build_dataset(cfg, "train")
     bs = batch_size or cfg.train.batch_size
     gen = torch.Generator().manual_seed(seed)
-    # collate_fn(cfg) is the registry's call (#13); dom.collate the older attribute
-    collate = dom.collate_fn(cfg) if hasattr(dom, "collate_fn") else dom.collate
+    collate = dom.collate_fn(cfg)
     loader = torch.utils.data.DataLoader(dataset, batch_size=bs, shuffle=True, drop_last=len(dataset) >= bs,
                                          collate_fn=collate, generator=gen)
     batches = iter(loader)

@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -105,7 +106,8 @@ def test_fsdd_source_and_multidiff_data_report_changes(tmp_path: Path, monkeypat
     assert train.data_version == s2["changes"]["data_version"] != s1["changes"]["data_version"]
 
 
-def test_resume_on_a_changed_data_set_records_the_new_data_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def tiny_folder_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[str], Path, Path]:
+    """A tiny audio model trained 2 steps on a three-label folder: (domain, overrides, folder, run directory)."""
     from multidiff import pipeline
     from multidiff.registry import get_domain
 
@@ -120,6 +122,15 @@ def test_resume_on_a_changed_data_set_records_the_new_data_version(tmp_path: Pat
         warnings.simplefilter("ignore", adata.AudioDataWarning)
         pipeline.train(dom, pipeline.load_run_config(dom, "fast", [*base, "train.steps=2"]), run, device="cpu",
                        progress=False)
+    return dom, base, root, run
+
+
+def test_resume_on_a_changed_data_set_records_the_new_data_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from multidiff import pipeline
+
+    dom, base, root, run = tiny_folder_run(tmp_path, monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", adata.AudioDataWarning)
         change(root, new_label=False)  # the label set is fixed by the weights; its clips may change
         res = pipeline.train(dom, pipeline.load_run_config(dom, "fast", [*base, "train.steps=4"]), run, resume=True,
                              device="cpu", progress=False)
@@ -132,19 +143,10 @@ def test_resume_on_a_changed_data_set_records_the_new_data_version(tmp_path: Pat
 
 def test_resume_on_a_data_set_with_a_new_label_names_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from multidiff import pipeline
-    from multidiff.registry import get_domain
 
-    root = make_folder(tmp_path / "clips")
-    monkeypatch.setenv("MULTIDIFF_CACHE", str(tmp_path / "cache"))
-    dom = get_domain("audio")
-    base = [f"data.root={root}", "data.source=folder", f"data.sample_rate={SR}", "data.seconds=0.32", "data.max_shift=0",
-            "model.channels=8", "model.multipliers=[1,2]", "model.factors=[1,2]", "model.blocks=[1,1]", "model.patch=8",
-            "model.full_rate_channels=0", "train.batch_size=4", "train.ckpt_every=2", "train.log_every=1"]
-    run = tmp_path / "run"
+    dom, base, root, run = tiny_folder_run(tmp_path, monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", adata.AudioDataWarning)
-        pipeline.train(dom, pipeline.load_run_config(dom, "fast", [*base, "train.steps=2"]), run, device="cpu",
-                       progress=False)
         before = sorted(p.name for p in (run / "checkpoints").iterdir())
         change(root, new_label=True)  # label "d" appears: the class embedding (labels + CFG's null row) grows 4 -> 5
         with pytest.raises(ValueError, match=r"cannot resume .*label_emb.*\[4, .*now \[5, .*data\.class_names.*new run"):
