@@ -159,7 +159,8 @@ def load_training_checkpoint(ckpt_dir: Path, *, model: nn.Module, ema: Any, opti
     number of processes re-seeds the random streams (with a warning: the run will not be bit-identical)."""
     model_state, ema_state, saved_config, _meta = ckpt_io.load_weights(ckpt_dir / ckpt_io.WEIGHTS_FILE)
     state = ckpt_io.load_training_state(ckpt_dir)
-    check_shapes(ckpt_dir, model_state, model, changed_keys(saved_config, run_config))
+    changed = changed_keys(saved_config, run_config)
+    check_shapes(ckpt_dir, model_state, model, changed)
     model.load_state_dict(model_state)
     ema.module.load_state_dict(ema_state if ema_state is not None else model_state)
     ema.n_averaged.fill_(int(state["ema_n_averaged"]))
@@ -177,7 +178,6 @@ def load_training_checkpoint(ckpt_dir: Path, *, model: nn.Module, ema: Any, opti
             )
         seed_everything(seed + env.rank + 1_000_003 * int(state["step"]))
     if env.is_main and saved_config != run_config:
-        changed = changed_keys(saved_config, run_config)
         log.warning("resuming %s with a changed config: %s", ckpt_dir, ", ".join(changed) or "(structure)")
     log.info("resumed from %s (step %d)", ckpt_dir, state["step"])
     return ResumePoint(int(state["step"]), float(state["elapsed_s"]), dict(state["data"]))
