@@ -20,7 +20,8 @@ for every row.
 Numbers, one JSON line each (``{"what", "setting", "number", "unit", "machine"}``): ``cond_acc``, ``fid``, ``is``,
 ``mis``, ``am``, ``ndb_k`` (and ``ndb``, the count of different bins) per row ``setting.row`` in
 {"samples", "real test (all)", "real test (size-matched)"}, plus ``sampling s``, ``rtf`` and ``patch_grid_share``
-(the frame-periodic part of the denoiser's output on silence) and ``grid_line_db`` (how far the lines at multiples of
+(the frame-periodic part of the denoiser's output on silence), ``noise_floor_db`` (quietest vs loudest 50 ms frame,
+samples and real clips) and ``grid_line_db`` (how far the lines at multiples of
 sample_rate / patch stand above their spectral neighbourhood in the samples, and in the real clips for reference).
 
     python bench/audio_quality.py --checkpoint runs/audio_fast [--per-label 16] [--steps 25] [--out samples/q]
@@ -44,7 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from domains.audio.domain import DEFAULT_CLASSIFIER, load_any_classifier, load_clips  # noqa: E402
-from domains.audio.metrics import line_prominence_db, reference_row  # noqa: E402
+from domains.audio.metrics import line_prominence_db, noise_floor_db, reference_row  # noqa: E402
 from multidiff import pipeline  # noqa: E402
 from bench._common import emit  # noqa: E402
 
@@ -198,6 +199,9 @@ def score(a: argparse.Namespace, model: pipeline.LoadedModel, samples: dict, out
         for key in ("rms", "silent_share"):
             emit(key, {**setting, "row": "samples", "n": n_gen}, metrics[key],
                  "fraction" if key == "silent_share" else "rms")
+        if metrics.get("noise_floor_db") is not None:
+            emit("noise_floor_db", {**setting, "row": "samples", "n": n_gen}, metrics["noise_floor_db"],
+                 "dB, quietest vs loudest 50 ms frame (median over clips)")
     if first and cfg.model.patch > 1:
         emit_grid_lines(samples["audio"], cfg, {**setting, "row": "samples"})
         for t, share in patch_grid_share(model).items():
@@ -217,6 +221,10 @@ def score(a: argparse.Namespace, model: pipeline.LoadedModel, samples: dict, out
     emit_row("real test (all)", reference_row(test, clf, train=train, ndb_bins=ndb_bins), ref_setting)
     sub = test.subset(balanced_subset(test.labels, a.per_label, len(names), a.seed))
     emit_row("real test (size-matched)", reference_row(sub, clf, train=train, ndb_bins=ndb_bins), ref_setting)
+    if first:
+        emit("noise_floor_db", {**ref_setting, "row": "real test (size-matched)", "n": len(sub)},
+             float(torch.tensor(noise_floor_db(sub.audio, sub.sample_rate)).median()),
+             "dB, quietest vs loudest 50 ms frame (median over clips)")
     if first and cfg.model.patch > 1:
         emit_grid_lines(sub.audio, cfg, {**ref_setting, "row": "real test (size-matched)"})
 

@@ -85,13 +85,19 @@ class AudioData:
     # more labelled sources {source: root} whose train split joins data.source's in training (same classes, e.g.
     # {fsdd: DIR, speechcommands: DIR} for the digit classifier); evaluation splits stay data.source's
     extra_sources: dict[str, str] = field(default_factory=dict)
+    # latent diffusion (issue #17): an autoencoder file or run (`--config autoencoder`, exported); the denoiser then
+    # works on its normalised latents and `sample` decodes them to WAV. latent_stats is filled by `resolve` (the
+    # autoencoder's channels, compression, rate and weight fingerprint + per-channel latent mean/std) and is what a
+    # different autoencoder file at that path is checked against.
+    latent: str | None = None
+    latent_stats: dict[str, Any] | None = None
 
 
 @dataclass
 class AudioModel:
     """UNet1D hyper-parameters (kind=denoiser) or DigitClassifier ones (kind=classifier)."""
 
-    kind: Literal["denoiser", "classifier"] = "denoiser"
+    kind: Literal["denoiser", "classifier", "autoencoder"] = "denoiser"
     channels: int = positive(48)
     multipliers: tuple[int, ...] = positive((1, 2, 4))
     factors: tuple[int, ...] = positive((1, 4, 5))
@@ -112,6 +118,13 @@ class AudioModel:
     # speed, reverb, gain, noise, telephone, spectrogram
     augment: bool | tuple[str, ...] = True
     label_smoothing: float = 0.0
+    # kind=autoencoder (domains.audio.autoencoder): widths per level, even strides (compression = their product)
+    ae_channels: tuple[int, ...] = positive((16, 32, 64, 128, 256))
+    ae_strides: tuple[int, ...] = positive((2, 4, 4, 2))
+    latent_channels: int = positive(16)
+    ae_segment: int = positive(8192)  # training crop, samples
+    ae_wave_weight: float = 1.0
+    ae_kl_weight: float = 1.0e-3
 
     def __post_init__(self) -> None:
         from domains.audio.augment import augmentation_names
@@ -378,6 +391,38 @@ def _build_classifier(cfg: Any) -> nn.Module:
                            channels=tuple(m.classifier_channels), embed_dim=m.embed_dim, dropout=m.classifier_dropout)
 
 
+def _codec(cfg: Any) -> Any:
+    """The `LatentCodec` of a latent-diffusion config (None for waveform models); one object per autoencoder
+    version and statistics, so requests of one model share it."""
+    if not cfg.data.latent:
+        return None
+    from domains.audio.latent import find_autoencoder
+
+    path = find_autoencoder(cfg.data.latent)
+    stamp = max((p.stat().st_mtime_ns for p in ([path] if path.is_file() else path.rglob("*"))), default=0)
+    return _codec_cached(cfg.data.latent, json.dumps(cfg.data.latent_stats, sort_keys=True), cfg.data.sample_rate,
+                         _clip_length(cfg.data), stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _codec_cached(latent: str, stats: str, sample_rate: int, length: int, stamp: int) -> Any:
+    from domains.audio.latent import LatentCodec
+
+    data = AudioData(latent=latent, latent_stats=json.loads(stats), sample_rate=sample_rate)
+    return LatentCodec.of(data, sample_rate, length)
+
+
+def _codec_of_request(request: SampleRequest) -> Any:
+    return request.meta.get("codec")
+
+
+def _build_autoencoder(cfg: Any) -> nn.Module:
+    from domains.audio.autoencoder import AudioAutoencoder
+
+    m = cfg.model
+    return AudioAutoencoder(tuple(m.ae_channels), tuple(m.ae_strides), m.latent_channels, cfg.data.sample_rate)
+
+
 class ClassifierLoss(nn.Module):
     """``forward(batch)`` = cross-entropy of the digit classifier (the SC09 judge, Donahue et al. 2019) on a batch,
     with the waveform and spectrogram augmentations of `domains.audio.augment` in training mode (global RNG, so a
@@ -483,9 +528,19 @@ class AudioDomain(Domain[AudioData, AudioModel]):
     def resolve(self, cfg: AudioConfig) -> AudioConfig:
         """``cfg`` with ``data.class_names`` filled from the data when null (a folder's sorted sub-folder names, the
         digit words otherwise), so that label k means the same class wherever the checkpoint goes. Pure."""
-        if cfg.data.class_names:
-            return cfg
-        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, class_names=_class_names(cfg.data)))
+        data = cfg.data
+        if not data.class_names:
+            data = dataclasses.replace(data, class_names=_class_names(data))
+        if data.latent and not data.latent_stats:  # latent diffusion: the autoencoder's identity + latent statistics
+            from domains.audio.latent import compute_stats, load_autoencoder
+
+            ae = load_autoencoder(data.latent)
+            if ae.sample_rate != data.sample_rate:
+                raise ValueError(f"{ae.source}: the autoencoder works at {ae.sample_rate} Hz, data.sample_rate is "
+                                 f"{data.sample_rate} Hz")
+            ae.check_length(_clip_length(data), f"clips ({data.seconds} s x {data.sample_rate} Hz)")
+            data = dataclasses.replace(data, latent_stats=compute_stats(ae, load_clips(data, "train").audio))
+        return cfg if data is cfg.data else dataclasses.replace(cfg, data=data)
 
     def build_dataset(self, cfg: AudioConfig, split: str = "train") -> Dataset:
         from domains.audio.data import ClipDataset
@@ -493,7 +548,15 @@ class AudioDomain(Domain[AudioData, AudioModel]):
         clips = load_clips(cfg.data, split)
         if split == "train" and cfg.data.extra_sources:
             clips = _with_extra_sources(cfg.data, clips)
-        dataset = ClipDataset(clips, max_shift=cfg.data.max_shift if split == "train" else 0)
+        codec = _codec(cfg)
+        if codec is not None:
+            from domains.audio.latent import LatentDataset
+
+            silence = codec.encode(torch.zeros(1, 1, _clip_length(cfg.data)))[0].median(dim=-1, keepdim=True).values
+            shift = cfg.data.max_shift // codec.compression if split == "train" else 0
+            dataset: Dataset = LatentDataset(codec.encode(clips.audio), clips.labels, shift, silence)
+        else:
+            dataset = ClipDataset(clips, max_shift=cfg.data.max_shift if split == "train" else 0)
         dataset.data_version = clips.version  # type: ignore[attr-defined]  # recorded in the run log by the trainer
         return dataset
 
@@ -501,23 +564,41 @@ class AudioDomain(Domain[AudioData, AudioModel]):
         from domains.audio.unet import UNet1D
 
         m = cfg.model
+        if m.kind == "autoencoder":
+            raise ValueError("model.kind='autoencoder': this recipe trains the waveform autoencoder, which has no "
+                             "denoiser to sample; use it for latent diffusion via data.latent=RUN_OR_FILE")
         if m.kind != "denoiser":
             raise ValueError(f"model.kind={m.kind!r}: this recipe trains the digit classifier, which has no denoiser to "
                              f"sample; use it for metrics via data.classifier=RUN_DIR")
-        net = UNet1D(in_channels=1, channels=m.channels, multipliers=tuple(m.multipliers), factors=tuple(m.factors),
+        codec = _codec(cfg)
+        net = UNet1D(in_channels=1 if codec is None else codec.channels, channels=m.channels,
+                     multipliers=tuple(m.multipliers), factors=tuple(m.factors),
                      blocks=tuple(m.blocks), attention_levels=m.attention_levels, heads=m.heads,
                      num_classes=len(_class_names(cfg.data)), patch=m.patch, dropout=m.dropout,
                      kernel_size=m.kernel_size, patch_overlap=m.patch_overlap,
                      full_rate_channels=m.full_rate_channels)
         length = _clip_length(cfg.data)
-        if length % net.total_factor:
+        if codec is not None:
+            if length // codec.compression % net.total_factor:
+                raise ValueError(f"the latent of a clip has {length // codec.compression} frames ({length} samples / "
+                                 f"compression {codec.compression}), not divisible by the U-Net's down-sampling "
+                                 f"factor {net.total_factor} (model.patch x model.factors); change the model")
+        elif length % net.total_factor:
             raise ValueError(f"clip length {length} samples ({cfg.data.seconds} s x {cfg.data.sample_rate} Hz) is not "
                              f"divisible by the U-Net's down-sampling factor {net.total_factor} (model.patch x "
                              f"model.factors); change data.seconds or the model")
         return net
 
     def training_module(self, cfg: AudioConfig) -> nn.Module | None:
-        """The digit-classifier cross-entropy for model.kind=classifier; None trains the denoiser."""
+        """The digit-classifier cross-entropy for model.kind=classifier, the autoencoder's MR-STFT + L1 + KL loss for
+        model.kind=autoencoder; None trains the denoiser."""
+        if cfg.model.kind == "autoencoder":
+            from domains.audio.autoencoder import AutoencoderLoss
+
+            m = cfg.model
+            ae = _build_autoencoder(cfg)
+            ae.check_length(_clip_length(cfg.data), f"clips ({cfg.data.seconds} s x {cfg.data.sample_rate} Hz)")
+            return AutoencoderLoss(ae, m.ae_segment, m.ae_wave_weight, m.ae_kl_weight)
         if cfg.model.kind != "classifier":
             return None
         return ClassifierLoss(_build_classifier(cfg), cfg.model.augment, cfg.model.label_smoothing,
@@ -588,6 +669,9 @@ class AudioDomain(Domain[AudioData, AudioModel]):
         meta: dict[str, Any] = {"labels": labels, "class_names": names, "sample_rate": sr,
                                 "wav_format": "float" if cfg.data.wav_format == "float" else "pcm16",
                                 "data": _data_record(cfg.data)}
+        codec = _codec(cfg)
+        if codec is not None:
+            meta["codec"] = codec
         known = keep = None
         if inpaint is not None or mask is not None:
             if inpaint is None:
@@ -604,15 +688,23 @@ class AudioDomain(Domain[AudioData, AudioModel]):
                 meta["wav_format"] = "float"  # keep the kept part bit-exact in the written file
             meta["inpaint"] = {"file": str(Path(inpaint).resolve()), "start_s": a / sr, "end_s": b / sr,
                                "start": a, "end": b}
-            meta["known"] = known
-        return SampleRequest(like=torch.zeros(num, 1, length), space=Euclidean(), cond={"label": labels},
-                             known=known, mask=keep, meta=meta)
+            meta["known"], meta["keep"] = known, keep
+            if codec is not None:  # inpaint in latent space: keep the frames whose samples all lie outside the span
+                c = codec.compression
+                known = codec.encode(clip.audio.view(1, 1, length)).expand(num, -1, -1).contiguous()
+                frames = torch.arange(length // c)
+                keep = ((frames + 1) * c <= a) | (frames * c >= b)
+                keep = keep.view(1, 1, -1).expand(num, codec.channels, -1).contiguous()
+        like = torch.zeros(num, 1, length) if codec is None else torch.zeros(num, codec.channels, length // codec.compression)
+        return SampleRequest(like=like, space=Euclidean(), cond={"label": labels}, known=known, mask=keep, meta=meta)
 
     def decode(self, x: Tensor, request: SampleRequest) -> dict[str, Any]:
-        audio = x.detach().float().cpu().clamp(-1.0, 1.0)
-        if request.known is not None and request.mask is not None:  # clamping never touches kept samples; be explicit
-            audio = torch.where(request.mask.cpu(), request.known.cpu().float(), audio)
-        return {"audio": audio, **{k: v for k, v in request.meta.items() if k != "known"}}
+        codec = _codec_of_request(request)
+        audio = x.detach().float().cpu().clamp(-1.0, 1.0) if codec is None else codec.decode(x)
+        known, keep = request.meta.get("known"), request.meta.get("keep")
+        if known is not None and keep is not None:  # kept samples are the input's, bit for bit (clamping included)
+            audio = torch.where(keep.cpu(), known.cpu().float(), audio)
+        return {"audio": audio, **{k: v for k, v in request.meta.items() if k not in ("known", "keep", "codec")}}
 
     def merge(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
         return {**parts[0], "audio": torch.cat([p["audio"] for p in parts]),
@@ -714,6 +806,10 @@ class AudioDomain(Domain[AudioData, AudioModel]):
             "peak": float(audio.abs().max()),
             "silent_share": float((rms < 1e-3).float().mean()),
         }
+        if audio.shape[-1] >= 2 * round(0.05 * sr):  # quietest vs loudest 50 ms frame, median over clips
+            from domains.audio.metrics import noise_floor_db
+
+            out["noise_floor_db"] = float(np.median(noise_floor_db(audio, sr)))
         info = s["meta"].get("inpaint")
         if info and Path(info["file"]).is_file():
             out.update(_inpaint_metrics(audio, sr, info))

@@ -159,6 +159,20 @@ def line_prominence_db(audio: torch.Tensor, sample_rate: int, spacing_hz: float,
     return out
 
 
+def noise_floor_db(audio: torch.Tensor, sample_rate: int, frame_s: float = 0.05, floor: float = 1e-6) -> list[float]:
+    """Per clip: how far (dB) its quietest ``frame_s`` frame sits below its loudest, by frame RMS (non-overlapping
+    frames; digital silence counts as `floor` = -120 dBFS, so the value is at most 120 dB minus the clip's headroom).
+    A hiss floor under speech shows as a small value (issue #17: the goal is >= 60 dB where the real clips are
+    silent)."""
+    x = _f64(audio).reshape(audio.shape[0], -1)
+    n = max(1, int(round(frame_s * sample_rate)))
+    frames = x.shape[1] // n
+    if frames < 2:
+        raise ValueError(f"noise floor: clips of {x.shape[1]} samples hold fewer than two {frame_s * 1000:g} ms frames")
+    rms = x[:, : frames * n].reshape(x.shape[0], frames, n).pow(2).mean(-1).sqrt().clamp_min(floor)
+    return (20.0 * (rms.max(dim=1).values / rms.min(dim=1).values).log10()).tolist()
+
+
 def _spans(mask: torch.Tensor | None, n: int, t: int) -> list[tuple[int, int]]:
     """[start, end) of each sample's regenerated span (first to last True sample of its mask)."""
     if mask is None:
