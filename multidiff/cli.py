@@ -172,6 +172,8 @@ def sample(
     grid: Annotated[Optional[str], typer.Option(help="Step grid: uniform, logsnr or karras.")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (1 = plain conditional); applied for t in sample.guidance_interval when the recipe sets one.")] = None,
     gradient_scale: Annotated[float, typer.Option(help="Gradient guidance toward the --condition targets through the domain's predictor (molecules: data.predictor); 0 = off.")] = 0.0,
+    rtol: Annotated[Optional[float], typer.Option(help="Relative error tolerance of each step of --sampler adaptive (default: the recipe's sample.rtol, 0.003); looser = fewer network passes. An error with another sampler.")] = None,
+    atol: Annotated[Optional[float], typer.Option(help="Absolute error tolerance of each step of --sampler adaptive (default: the recipe's sample.atol, 0.003). An error with another sampler.")] = None,
     condition: Annotated[Optional[list[str]], typer.Option("--condition", help="KEY=VALUE condition (repeatable).")] = None,
     label: Annotated[Optional[str], typer.Option("--label", help="Short for --condition label=VALUE (an index or a class name).")] = None,
     inpaint: Annotated[Optional[Path], typer.Option(help="A file whose known part is kept (audio WAV, molecule SDF/XYZ fragment).")] = None,
@@ -180,7 +182,7 @@ def sample(
     overwrite: Annotated[bool, typer.Option(help="Sample into a non-empty --out: first delete the domain's earlier sample files and metrics.json there (other files stay).")] = False,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same samples on CPU).")] = 0,
     jobs: Annotated[Optional[Path], typer.Option(help="A JSONL file of requests, one per line (id, num, seed, label, conditions, steps, ...): each job goes to --out/ID atomically and into --out/manifest.jsonl; re-running resumes; sharded over torchrun ranks.")] = None,
-    precision: Annotated[str, typer.Option(help="auto (default: bf16 for a domain measured faster in it, audio, on a CPU with AVX-512 BF16/AMX; else fp32), fp32, bf16 (autocast; fp32 with one warning on a CPU without AVX-512 BF16/AMX) or int8 (dynamic quantization of linear layers, CPU). See README 'when to use which'.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (default: bf16 for a domain measured faster in it, audio, on a CPU with AVX-512 BF16/AMX; else fp32), fp32, bf16 (autocast; fp32 with one warning on a CPU without AVX-512 BF16/AMX) or int8 (dynamic quantization of linear layers, CPU); --jobs run in it too (each job's manifest params name it when not fp32). See README 'when to use which'.")] = "auto",
     device: DeviceOpt = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -195,11 +197,15 @@ def sample(
     from .files import DirLock, check_writable_dir
     from .registry import get_domain
 
+    if sampler is not None:
+        try:
+            _check_tolerance_flags(sampler, rtol, atol)  # before any work when --sampler says it already
+        except ValueError as e:
+            _fail(str(e))
     if jobs is not None:
-        if precision not in ("fp32", "auto"):
-            _fail(f"--precision {precision}: not with --jobs yet (batch jobs sample in fp32)")
         _sample_jobs(domain, overrides, checkpoint, jobs, out, num=num, steps=steps, sampler=sampler, grid=grid,
-                     guidance=guidance, gradient_scale=gradient_scale, seed=seed, device=device,
+                     guidance=guidance, gradient_scale=gradient_scale, rtol=rtol, atol=atol, seed=seed,
+                     precision=precision, device=device,
                      given={"--condition": condition, "--label": label, "--inpaint": inpaint, "--mask": mask,
                             "--overwrite": overwrite or None})
         return
@@ -222,8 +228,9 @@ def sample(
         n = num if num is not None else model.cfg.sample.num
         if n < 1:
             raise ValueError(f"--num must be >= 1, got {n}")
+        _check_tolerance_flags(sampler if sampler is not None else model.cfg.sample.sampler, rtol, atol)
         settings = pipeline.sampler_settings(model, sampler=sampler, steps=steps, grid=grid, guidance=guidance,
-                                             gradient_scale=gradient_scale)
+                                             gradient_scale=gradient_scale, rtol=rtol, atol=atol)
 
         def clear_earlier() -> None:  # --overwrite: the earlier run's files go only now that the new samples exist
             for path in earlier:
@@ -256,10 +263,24 @@ def sample(
     print(dumps_json({"out": str(out), "files": [str(f) for f in files], "metrics": metrics}))
 
 
+def _check_tolerance_flags(sampler: str, rtol: float | None, atol: float | None) -> None:
+    """``--rtol`` / ``--atol`` are the tolerances of ``--sampler adaptive``: a ValueError naming the flag otherwise."""
+    given = [flag for flag, value in (("--rtol", rtol), ("--atol", atol)) if value is not None]
+    if given and sampler != "adaptive":
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ValueError(f"{' and '.join(given)}: {verb} to --sampler adaptive only (the error tolerance of its steps); "
+                         f"this run samples with {sampler!r}: drop {' and '.join(given)} or pass --sampler adaptive")
+    from .registry import check_tolerances
+
+    check_tolerances(rtol, atol, prefix="--")
+
+
 def _sample_jobs(domain: str, overrides: list[str] | None, checkpoint: Path | None, jobs_file: Path, out: Path, *,
                  num: int | None, steps: int | None, sampler: str | None, grid: str | None, guidance: float | None,
-                 gradient_scale: float, seed: int, device: str, given: dict[str, object]) -> None:
-    """``multidiff sample --jobs``: resumable batch jobs (``multidiff.jobs``), sharded over torchrun ranks."""
+                 gradient_scale: float, rtol: float | None, atol: float | None, seed: int, precision: str, device: str,
+                 given: dict[str, object]) -> None:
+    """``multidiff sample --jobs``: resumable batch jobs (``multidiff.jobs``), sharded over torchrun ranks; the model
+    runs in ``--precision`` resolved as for one ``multidiff sample`` (auto: the domain's ``sample_precision``)."""
     import dataclasses
 
     import torch
@@ -280,7 +301,7 @@ def _sample_jobs(domain: str, overrides: list[str] | None, checkpoint: Path | No
         if num is not None and num < 1:
             raise ValueError(f"--num must be >= 1, got {num}")
         job_list = read_jobs(jobs_file, seed=seed)
-        defaults = {"steps": steps, "sampler": sampler, "grid": grid, "guidance": guidance}
+        defaults = {"steps": steps, "sampler": sampler, "grid": grid, "guidance": guidance, "rtol": rtol, "atol": atol}
         job_list = [dataclasses.replace(j, **{k: v for k, v in defaults.items() if v is not None and getattr(j, k) is None},
                                         gradient_scale=j.gradient_scale or gradient_scale) for j in job_list]
         error = None
@@ -294,10 +315,20 @@ def _sample_jobs(domain: str, overrides: list[str] | None, checkpoint: Path | No
         if error is not None:
             raise ValueError(error)
         ckpt = checkpoint if checkpoint is not None else _shipped_checkpoint(domain)
-        model = pipeline.load_model(ckpt, device=str(resolve_device(_resolve_device(device), env)))
+        dev = str(resolve_device(_resolve_device(device), env))
+        model = pipeline.load_model(ckpt, device=dev)
         if model.domain.name != domain:
             raise ValueError(f"{ckpt}: this checkpoint is for domain {model.domain.name!r}, not {domain!r}")
         model.cfg = _override_loaded(model.cfg, overrides, f"{model.path} (embedded config)")
+        flags = [flag for flag, value in (("--rtol", rtol), ("--atol", atol)) if value is not None]
+        other = [j for j in job_list if (j.sampler or model.cfg.sample.sampler) != "adaptive"]
+        if flags and other:
+            raise ValueError(f"{' and '.join(flags)}: the default of every job, so for sampler 'adaptive' only; job "
+                             f"{other[0].id!r} (line {other[0].line}) samples with "
+                             f"{other[0].sampler or model.cfg.sample.sampler!r}: give rtol / atol per job in {jobs_file}")
+        from .inference import resolve_precision, set_precision
+
+        set_precision(model.denoiser, resolve_precision(precision, model.domain, dev), dev)  # recorded per job
         summary = run_jobs(model, job_list, out, default_num=num)
     except _user_errors() as e:
         _fail(str(e) if env.is_main else f"rank {env.rank}: {e}")
@@ -467,6 +498,7 @@ def serve(
     max_num: Annotated[int, typer.Option(help="Most samples per request.")] = 64,
     max_upload_mb: Annotated[float, typer.Option(help="Largest inpainting upload.")] = 5.0,
     exact: Annotated[bool, typer.Option(help="Pad every sampler call to --max-batch samples: a sample is bit-identical alone or batched (costs a full batch at low load).")] = False,
+    precision: Annotated[str, typer.Option(help="As for `multidiff sample`, per served domain: auto (default: the domain's measured choice, audio bf16 on a CPU with AVX-512 BF16/AMX, else fp32), fp32, bf16 or int8. GET /v1/domains and every answer say which.")] = "auto",
     device: DeviceOpt = "auto",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -494,7 +526,8 @@ def serve(
                 raise FileNotFoundError("no shipped checkpoints found; pass --checkpoint DOMAIN=PATH")
         config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_num=max_num,
                              max_upload_bytes=int(max_upload_mb * 2**20), exact=exact)
-        run(ckpts, host=host, port=port, device=_resolve_device(device), config=config, log_level=log_level)
+        run(ckpts, host=host, port=port, device=_resolve_device(device), config=config, log_level=log_level,
+            precision=precision)
     except _user_errors() as e:
         _fail(str(e))
 

@@ -32,7 +32,7 @@ MANIFEST = "manifest.jsonl"
 PARTIAL_PREFIX = ".partial-"
 SHARD_GLOB = ".manifest-rank*.jsonl"
 JOB_FIELDS = ("id", "num", "seed", "label", "conditions", "steps", "sampler", "grid", "guidance", "gradient_scale",
-              "inpaint", "mask")
+              "rtol", "atol", "inpaint", "mask")
 SEED_STRIDE = 1 << 20  # job k without its own seed gets --seed + k * SEED_STRIDE (its samples seed + i never overlap)
 _ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
@@ -55,6 +55,8 @@ class Job:
     grid: str | None = None
     guidance: float | None = None
     gradient_scale: float = 0.0
+    rtol: float | None = None  # sampler 'adaptive' only
+    atol: float | None = None
     inpaint: str | None = None
     mask: str | None = None
 
@@ -73,7 +75,8 @@ def read_jobs(path: Path, *, seed: int = 0) -> list[Job]:
 
     Fields: ``id`` (default ``job-LINE``), ``num``, ``seed`` (default ``seed + k * 2**20`` for the k-th job),
     ``label``, ``conditions`` (an object of KEY: VALUE), ``steps``, ``sampler``, ``grid``, ``guidance``,
-    ``gradient_scale``, ``inpaint`` (a path, relative to the jobs file) and ``mask``.
+    ``gradient_scale``, ``rtol`` / ``atol`` (sampler 'adaptive' only), ``inpaint`` (a path, relative to the jobs
+    file) and ``mask``.
     """
     path = Path(path)
     try:
@@ -127,13 +130,18 @@ def read_jobs(path: Path, *, seed: int = 0) -> list[Job]:
         for key in ("guidance", "gradient_scale"):
             if obj.get(key) is not None:
                 _typed(where, key, obj[key], (int, float), "a number")
+        for key in ("rtol", "atol"):
+            if obj.get(key) is not None and _typed(where, key, obj[key], (int, float), "a number >= 0") < 0:
+                raise JobsError(f"{where}: field {key!r}: expected a number >= 0, got {obj[key]}")
         inpaint = obj.get("inpaint")
         if inpaint is not None:
             inpaint = str((path.parent / inpaint) if not Path(inpaint).is_absolute() else Path(inpaint))
         jobs.append(Job(id=job_id, line=lineno, num=num, seed=job_seed, conditions=conditions, steps=steps,
                         sampler=obj.get("sampler"), grid=obj.get("grid"),
                         guidance=None if obj.get("guidance") is None else float(obj["guidance"]),
-                        gradient_scale=float(obj.get("gradient_scale", 0.0)), inpaint=inpaint, mask=obj.get("mask")))
+                        gradient_scale=float(obj.get("gradient_scale", 0.0)),
+                        rtol=None if obj.get("rtol") is None else float(obj["rtol"]),
+                        atol=None if obj.get("atol") is None else float(obj["atol"]), inpaint=inpaint, mask=obj.get("mask")))
     if not jobs:
         raise JobsError(f"--jobs {path}: no jobs (one JSON object per line expected)")
     return jobs
@@ -240,14 +248,23 @@ def _recover(out: Path, jobs: list[Job]) -> list[str]:
 
 
 def job_params(job: Job, model: Any, default_num: int | None) -> tuple[dict[str, Any], Any]:
-    """A job's resolved parameters as recorded in the manifest, and its sampler settings."""
+    """A job's resolved parameters as recorded in the manifest, and its sampler settings: ``rtol`` / ``atol`` only for
+    sampler 'adaptive' and ``precision`` only when the model does not run in fp32 (so manifests written before
+    either existed still match); a bad setting is a JobsError naming the job."""
     from . import pipeline
 
-    settings = pipeline.sampler_settings(model, sampler=job.sampler, steps=job.steps, grid=job.grid,
-                                         guidance=job.guidance, gradient_scale=job.gradient_scale)
+    try:
+        settings = pipeline.sampler_settings(model, sampler=job.sampler, steps=job.steps, grid=job.grid,
+                                             guidance=job.guidance, gradient_scale=job.gradient_scale, rtol=job.rtol,
+                                             atol=job.atol)
+    except ValueError as e:
+        raise JobsError(f"job {job.id!r} (line {job.line}): {e}") from None
     num = job.num if job.num is not None else (default_num if default_num is not None else model.cfg.sample.num)
     params = {"num": num, "seed": job.seed, "conditions": dict(job.conditions), "inpaint": job.inpaint,
-              "mask": job.mask, **asdict(settings)}
+              "mask": job.mask, **{k: v for k, v in asdict(settings).items() if v is not None or k not in ("rtol", "atol")}}
+    precision = getattr(model.denoiser, "precision", "fp32")
+    if precision != "fp32":
+        params["precision"] = precision
     return json.loads(dumps_json(params)), settings
 
 

@@ -215,6 +215,14 @@ class SamplerSettings:
     guidance: float = 1.0
     guidance_interval: tuple[float, float] | None = None
     gradient_scale: float = 0.0
+    rtol: float | None = None  # the error tolerances of sampler 'adaptive' (None for every other sampler)
+    atol: float | None = None
+
+    def sampler_opts(self) -> dict[str, float]:
+        """The keyword options the sampler itself takes: ``rtol`` / ``atol`` for 'adaptive', none for the others."""
+        if self.sampler != "adaptive":
+            return {}
+        return {k: float(v) for k, v in (("rtol", self.rtol), ("atol", self.atol)) if v is not None}
 
 
 def sampler_settings(
@@ -225,21 +233,39 @@ def sampler_settings(
     grid: str | None = None,
     guidance: float | None = None,
     gradient_scale: float = 0.0,
+    rtol: float | None = None,
+    atol: float | None = None,
 ) -> SamplerSettings:
-    """The checkpoint's ``sample`` defaults overridden by the given values, validated (errors name the field)."""
+    """The checkpoint's ``sample`` defaults overridden by the given values, validated (errors name the field).
+    ``rtol`` / ``atol`` are for sampler 'adaptive' only (default: the checkpoint's ``sample.rtol`` / ``sample.atol``);
+    given with another sampler they are an error, and that sampler's settings carry None for them."""
     import math
 
+    from .registry import check_tolerances
     from .samplers import SAMPLERS
     from .schedules import GRIDS
 
     scfg = model.cfg.sample
+    chosen = sampler if sampler is not None else scfg.sampler
+    if chosen != "adaptive":
+        given = [name for name, value in (("rtol", rtol), ("atol", atol)) if value is not None]
+        if given:
+            raise ValueError(f"{given[0]}: applies to sampler 'adaptive' only (the error tolerance of its steps); "
+                             f"this request samples with {chosen!r}: drop {' and '.join(given)} or use sampler 'adaptive'")
+    else:
+        check_tolerances(rtol, atol)
+        rtol = float(rtol if rtol is not None else scfg.rtol)
+        atol = float(atol if atol is not None else scfg.atol)
+        check_tolerances(rtol, atol)
     s = SamplerSettings(
-        sampler=sampler if sampler is not None else scfg.sampler,
+        sampler=chosen,
         steps=steps if steps is not None else scfg.steps,
         grid=grid if grid is not None else scfg.grid,
         guidance=float(guidance if guidance is not None else scfg.guidance),
         guidance_interval=tuple(scfg.guidance_interval) if scfg.guidance_interval is not None else None,  # type: ignore[arg-type]
         gradient_scale=float(gradient_scale),
+        rtol=rtol,
+        atol=atol,
     )
     if s.sampler not in SAMPLERS:
         raise ValueError(f"sampler: unknown sampler {s.sampler!r}; expected one of {sorted(SAMPLERS)}")
@@ -431,7 +457,8 @@ def generate_batch(
     device = next(model.denoiser.parameters()).device
     x = generate(model, join_requests(batch), sampler=settings.sampler, steps=settings.steps, grid=settings.grid,
                  guidance=settings.guidance, guidance_interval=settings.guidance_interval,
-                 gradient_scale=settings.gradient_scale, generator=noise_generators(batch_seeds, device), callback=callback)
+                 gradient_scale=settings.gradient_scale, generator=noise_generators(batch_seeds, device), callback=callback,
+                 **settings.sampler_opts())
     return list(x.split([int(r.like.shape[0]) for r in batch]))[: len(requests)]
 
 

@@ -40,7 +40,7 @@ from .diffusion import Denoiser, DiffusionConfig
 from .spaces import Space
 from .training import TrainConfig
 
-__all__ = ["SampleConfig", "SampleRequest", "RunConfig", "Domain", "Run", "read_run", "get_domain", "available_domains", "run_config_class", "ENTRY_POINT_GROUP"]
+__all__ = ["SampleConfig", "check_tolerances", "SampleRequest", "RunConfig", "Domain", "Run", "read_run", "get_domain", "available_domains", "run_config_class", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "multidiff.domains"
 
@@ -56,6 +56,27 @@ class SampleConfig:
     guidance_interval: tuple[float, float] | None = None  # CFG only for lo < t <= hi (Kynkaanniemi et al. 2024)
     num: int = positive(16)
     batch_size: int = positive(64)
+    rtol: float = 0.003  # sampler 'adaptive' only: relative / absolute error tolerance per step
+    atol: float = 0.003
+
+    def __post_init__(self) -> None:
+        """Reject tolerances the adaptive sampler cannot use (errors name ``sample.rtol`` / ``sample.atol``)."""
+        check_tolerances(self.rtol, self.atol, prefix="sample.")
+
+
+def check_tolerances(rtol: float | None, atol: float | None, *, prefix: str = "") -> None:
+    """Raise ValueError naming ``{prefix}rtol`` / ``{prefix}atol`` unless each given one is a finite number >= 0 and
+    they are not both 0 (None: not given)."""
+    import math
+
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{prefix}{name}: expected a finite number >= 0, got {value!r}")
+    if rtol is not None and atol is not None and rtol == 0 and atol == 0:
+        raise ValueError(f"{prefix}rtol, {prefix}atol: expected at least one of them > 0 (a zero tolerance never "
+                         f"accepts a step), got both 0")
 
 
 @dataclass

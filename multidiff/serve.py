@@ -1,7 +1,7 @@
 """``multidiff serve``: an HTTP server over the one generate path (FastAPI + uvicorn) with dynamic micro-batching.
 
 - ``POST /v1/{domain}/samples``: the knobs of ``multidiff sample`` (num, label / conditions, steps, sampler, grid,
-  guidance, seed, inpaint upload + mask) as JSON, or as multipart form data (a ``params`` JSON field and an
+  guidance, rtol / atol for sampler 'adaptive', seed, inpaint upload + mask) as JSON, or as multipart form data (a ``params`` JSON field and an
   ``inpaint`` file). Returns each sample's files (the domain's writer: WAV + spectrogram PNG, or SDF + XYZ + PNG;
   binary as base64, text as text) and the domain's metrics. ``stream=true`` (query or body) answers with
   server-sent events instead: ``queued``, ``progress`` (one per sampler step), ``sample`` (each finished sample),
@@ -10,7 +10,10 @@
   joined into one sampler call (``pipeline.generate_batch``) of up to ``max_batch`` samples, waiting at most
   ``max_wait_ms`` after the oldest one arrived. Sample i of a request is laid out and noised from seed
   ``seed + i`` alone; with ``exact=True`` every call is padded to ``max_batch`` samples, so a sample is
-  bit-identical alone or in a busy batch (CPU kernels otherwise round differently at other batch sizes).
+  bit-identical alone or in a busy batch (CPU kernels otherwise round differently at other batch sizes); as
+  sampler 'adaptive' picks its steps for the worst sample of a call, an adaptive request then gets calls of its own.
+- Each model runs in the precision ``multidiff serve --precision`` resolves for its domain, as ``multidiff sample``
+  (auto: the domain's ``sample_precision``); ``GET /v1/domains`` and every answer say which.
 - A bounded queue (429 + Retry-After), 422 naming the field of an invalid request, disconnected clients' waiting
   samples dropped (a running batch is abandoned when all its clients are gone), ``GET /healthz``,
   ``GET /metrics`` (Prometheus), ``GET /v1/domains``, a web page at ``/``; on shutdown the batcher finishes what
@@ -102,6 +105,7 @@ class Job:
     metrics: bool = True
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     workdir: Path | None = None  # uploaded file; removed when the job ends
+    alone: bool = False  # never share a sampler call with another job (exact mode, sampler 'adaptive')
     enqueued: float = field(default_factory=time.monotonic)
     next: int = 0  # first sample not yet given to a sampler call
     results: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -113,7 +117,8 @@ class Job:
         """Samples with equal keys can share a sampler call."""
         r = self.requests[0]
         cond = None if r.cond is None else tuple(sorted(r.cond))
-        return (self.domain, self.settings, r.known is not None, cond, tuple(sorted(r.kwargs)))
+        return (self.domain, self.settings, r.known is not None, cond, tuple(sorted(r.kwargs)),
+                id(self) if self.alone else None)
 
     @property
     def num(self) -> int:
@@ -373,9 +378,11 @@ class SampleBody(BaseModel):
     label: str | int | None = None
     conditions: dict[str, str | int | float] = Field(default_factory=dict)
     steps: int | None = Field(None, ge=1)
-    sampler: Literal["ancestral", "ddim", "euler", "euler_maruyama", "heun", "dpmpp_2m"] | None = None
+    sampler: Literal["ancestral", "ddim", "euler", "euler_maruyama", "heun", "dpmpp_2m", "adaptive"] | None = None
     grid: Literal["uniform", "logsnr", "karras"] | None = None
     guidance: float | None = Field(None, allow_inf_nan=False)
+    rtol: float | None = Field(None, ge=0, allow_inf_nan=False)  # sampler 'adaptive' only
+    atol: float | None = Field(None, ge=0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=2**62)
     mask: str | None = None
     inpaint: InpaintFile | None = None
@@ -392,8 +399,8 @@ def _invalid(field_name: str, message: str) -> Any:
 
 def _field_of(message: str, body: SampleBody) -> str:
     """Which request field a domain / settings error is about."""
-    head = message.split(":", 1)[0].strip().lower()
-    for name in ("steps", "sampler", "grid", "guidance", "num", "seed"):
+    head = message.split(":", 1)[0].split(",", 1)[0].strip().lower()
+    for name in ("steps", "sampler", "grid", "guidance", "rtol", "atol", "num", "seed"):
         if head == name:
             return name
     lowered = message.lower()
@@ -467,7 +474,7 @@ def create_app(models: dict[str, LoadedModel], config: ServeConfig | None = None
         workdir = inpaint = None
         try:
             settings = pipeline.sampler_settings(model, sampler=body.sampler, steps=body.steps, grid=body.grid,
-                                                 guidance=body.guidance)
+                                                 guidance=body.guidance, rtol=body.rtol, atol=body.atol)
             if body.inpaint is not None:
                 workdir = Path(tempfile.mkdtemp(prefix="multidiff-upload-"))
                 inpaint = workdir / ("upload" + Path(body.inpaint.filename).suffix.lower())
@@ -486,7 +493,7 @@ def create_app(models: dict[str, LoadedModel], config: ServeConfig | None = None
             return JSONResponse({"detail": f"domain {domain!r} cannot be served sample by sample (it defines no merge)"},
                                 status_code=501)
         job = Job(domain, model, settings, requests, [seed + i for i in range(body.num)], asyncio.get_running_loop(),
-                  metrics=body.metrics, workdir=workdir)
+                  metrics=body.metrics, workdir=workdir, alone=config.exact and settings.sampler == "adaptive")
         try:
             state["batcher"].submit(job)
         except QueueFull as err:
@@ -498,7 +505,7 @@ def create_app(models: dict[str, LoadedModel], config: ServeConfig | None = None
             metrics.rejected.labels("shutting_down").inc()
             return JSONResponse({"detail": str(err)}, status_code=503, headers={"Retry-After": "5"})
         head = {"domain": domain, "num": body.num, "seed": seed, "settings": _settings_dict(settings),
-                "checkpoint": {"path": str(model.path), "step": model.step}}
+                "precision": _precision(model), "checkpoint": {"path": str(model.path), "step": model.step}}
         if body.stream:
             return StreamingResponse(_stream(job, head, state["batcher"]), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -508,8 +515,17 @@ def create_app(models: dict[str, LoadedModel], config: ServeConfig | None = None
 
 
 def _settings_dict(s: SamplerSettings) -> dict[str, Any]:
-    return {"sampler": s.sampler, "steps": s.steps, "grid": s.grid, "guidance": s.guidance,
-            "guidance_interval": list(s.guidance_interval) if s.guidance_interval else None}
+    """The sampler settings of an answer (``rtol`` / ``atol`` only for sampler 'adaptive')."""
+    out = {"sampler": s.sampler, "steps": s.steps, "grid": s.grid, "guidance": s.guidance,
+           "guidance_interval": list(s.guidance_interval) if s.guidance_interval else None}
+    if s.sampler == "adaptive":
+        out.update(rtol=s.rtol, atol=s.atol)
+    return out
+
+
+def _precision(model: LoadedModel) -> str:
+    """The precision the model's backbone runs in ('fp32', 'bf16', 'int8'; ``inference.set_precision``)."""
+    return str(getattr(model.denoiser, "precision", "fp32"))
 
 
 def _describe(model: LoadedModel, config: ServeConfig) -> dict[str, Any]:
@@ -523,7 +539,9 @@ def _describe(model: LoadedModel, config: ServeConfig) -> dict[str, Any]:
     data = model.cfg.data
     return {
         "checkpoint": str(model.path), "step": model.step,
-        "defaults": {"sampler": scfg.sampler, "steps": scfg.steps, "grid": scfg.grid, "guidance": scfg.guidance},
+        "defaults": {"sampler": scfg.sampler, "steps": scfg.steps, "grid": scfg.grid, "guidance": scfg.guidance,
+                     "rtol": scfg.rtol, "atol": scfg.atol},
+        "precision": _precision(model),
         "labels": list(labels) if labels else None,
         "properties": list(getattr(data, "conditioning", None) or []),
         "guided_properties": [],
@@ -625,22 +643,26 @@ async def _collect(job: Job, head: dict[str, Any], batcher: Batcher, request: An
         raise
 
 
-def load_models(checkpoints: dict[str, Path], device: str = "cpu") -> dict[str, LoadedModel]:
-    """Load each domain's checkpoint once; the checkpoint must be of that domain."""
+def load_models(checkpoints: dict[str, Path], device: str = "cpu", precision: str = "auto") -> dict[str, LoadedModel]:
+    """Load each domain's checkpoint once (it must be of that domain), its backbone in ``precision`` resolved per
+    domain as ``multidiff sample --precision`` does (auto: the domain's ``sample_precision`` where the CPU runs it)."""
+    from .inference import resolve_precision, set_precision
+
     models = {}
     for domain, path in checkpoints.items():
         model = pipeline.load_model(path, device=device)
         if model.domain.name != domain:
             raise ValueError(f"--checkpoint {domain}={path}: this checkpoint is for domain {model.domain.name!r}")
+        set_precision(model.denoiser, resolve_precision(precision, model.domain, device), device)
         models[domain] = model
     return models
 
 
 def run(checkpoints: dict[str, Path], *, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-        config: ServeConfig | None = None, log_level: str = "info") -> None:
+        config: ServeConfig | None = None, log_level: str = "info", precision: str = "auto") -> None:
     """Load the checkpoints and serve until interrupted (SIGINT / SIGTERM finish accepted requests first)."""
     import uvicorn
 
-    models = load_models(checkpoints, device)
+    models = load_models(checkpoints, device, precision)
     app = create_app(models, config)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)

@@ -163,3 +163,73 @@ def test_auto_is_the_domains_measured_choice_where_the_cpu_runs_it(monkeypatch) 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # auto falls back silently: nothing was asked for
         assert resolve_precision("auto", audio) == "fp32"
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path_factory.mktemp("toy") / "run"
+    env = {**os.environ, "MULTIDIFF_MALLOC": "system", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "multidiff.cli", "train", "toy", "train.steps=20", "train.ckpt_every=20",
+                        "--out", str(run), "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return run
+
+
+def _toy_prefers_bf16(monkeypatch) -> None:
+    """The toy domain measured as audio is (its ``sample_precision`` bf16), on a CPU that runs bf16 natively."""
+    from multidiff.toy import ToyDomain
+
+    monkeypatch.setattr(ToyDomain, "sample_precision", "bf16", raising=False)
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: True)
+
+
+def test_serve_resolves_precision_as_sample_does(toy_run: Path, monkeypatch) -> None:
+    """``multidiff serve`` loads each model in the precision ``--precision`` resolves for its domain (auto: the
+    domain's ``sample_precision``), not always fp32; the flag reaches the server and its answers say which."""
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from multidiff import serve
+    from multidiff.training import _AutocastForward
+
+    _toy_prefers_bf16(monkeypatch)
+    model = serve.load_models({"toy": toy_run}, "cpu")["toy"]  # the default: auto
+    assert model.denoiser.precision == "bf16" and isinstance(model.denoiser.backbone, _AutocastForward)
+    assert serve.load_models({"toy": toy_run}, "cpu", "fp32")["toy"].denoiser.precision == "fp32"
+
+    from serve_util import Server
+
+    srv = Server("--checkpoint", f"toy={toy_run}", "--precision", "int8")  # int8: the same on any CPU
+    try:
+        assert httpx.get(f"{srv.url}/v1/domains").json()["toy"]["precision"] == "int8"
+        r = httpx.post(f"{srv.url}/v1/toy/samples", json={"num": 2, "steps": 3, "metrics": False}, timeout=120)
+        assert r.status_code == 200 and r.json()["precision"] == "int8", r.text
+    finally:
+        srv.stop()
+
+
+def test_jobs_follow_the_precision_of_the_sample_command(toy_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """``multidiff sample --jobs`` samples in ``--precision`` resolved as for one ``multidiff sample`` (auto: the
+    domain's choice) and records it in each job's manifest params; fp32 jobs record none (older manifests match)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from multidiff.cli import app
+
+    _toy_prefers_bf16(monkeypatch)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"id": "a", "num": 2, "steps": 3}\n')
+
+    def params(out: Path, *extra: str) -> dict:
+        res = CliRunner().invoke(app, ["sample", "toy", "--checkpoint", str(toy_run), "--jobs", str(jobs),
+                                       "--out", str(out), *extra])
+        assert res.exit_code == 0, res.output
+        return json.loads((out / "manifest.jsonl").read_text())["params"]
+
+    assert params(tmp_path / "auto")["precision"] == "bf16"
+    assert params(tmp_path / "int8", "--precision", "int8")["precision"] == "int8"
+    assert "precision" not in params(tmp_path / "fp32", "--precision", "fp32")

@@ -115,6 +115,11 @@ def test_health_domains_page(server) -> None:
     assert httpx.get(server.url + "/healthz").json()["domains"] == ["audio", "molecules"]
     info = httpx.get(server.url + "/v1/domains").json()
     assert info["audio"]["labels"][7] == "seven" and info["molecules"]["defaults"]["sampler"] == "heun"
+    from multidiff.inference import resolve_precision
+    from multidiff.registry import get_domain
+
+    # --precision auto (the default), resolved per domain as `multidiff sample` does: audio bf16 on a CPU running it
+    assert {d: info[d]["precision"] for d in info} == {d: resolve_precision("auto", get_domain(d)) for d in info}
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "<title>multidiff</title>" in page.text
     assert 'src="http' not in page.text and 'href="http' not in page.text and "@import" not in page.text  # no CDN
