@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AudioAutoencoder", "AutoencoderLoss", "mr_stft_loss"]
+__all__ = ["AudioAutoencoder", "AutoencoderLoss", "build_autoencoder", "mr_stft_loss"]
 
 
 class _ResUnit(nn.Module):
@@ -111,6 +111,12 @@ class AudioAutoencoder(nn.Module):
         if z.ndim != 3 or z.shape[1] != self.latent_channels:
             raise ValueError(f"the decoder expects latents [B, {self.latent_channels}, L], got {tuple(z.shape)}")
         return self.decoder(z)
+
+
+def build_autoencoder(cfg: Any) -> AudioAutoencoder:
+    """The autoencoder of an audio run config (``model.ae_*``, ``model.latent_channels``, ``data.sample_rate``)."""
+    m = cfg.model
+    return AudioAutoencoder(tuple(m.ae_channels), tuple(m.ae_strides), m.latent_channels, cfg.data.sample_rate)
 
 
 def mr_stft_loss(estimate: Tensor, target: Tensor, fft_sizes: tuple[int, ...] = (2048, 1024, 512, 256, 128),

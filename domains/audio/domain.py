@@ -416,13 +416,6 @@ def _codec_of_request(request: SampleRequest) -> Any:
     return request.meta.get("codec")
 
 
-def _build_autoencoder(cfg: Any) -> nn.Module:
-    from domains.audio.autoencoder import AudioAutoencoder
-
-    m = cfg.model
-    return AudioAutoencoder(tuple(m.ae_channels), tuple(m.ae_strides), m.latent_channels, cfg.data.sample_rate)
-
-
 class ClassifierLoss(nn.Module):
     """``forward(batch)`` = cross-entropy of the digit classifier (the SC09 judge, Donahue et al. 2019) on a batch,
     with the waveform and spectrogram augmentations of `domains.audio.augment` in training mode (global RNG, so a
@@ -593,10 +586,10 @@ class AudioDomain(Domain[AudioData, AudioModel]):
         """The digit-classifier cross-entropy for model.kind=classifier, the autoencoder's MR-STFT + L1 + KL loss for
         model.kind=autoencoder; None trains the denoiser."""
         if cfg.model.kind == "autoencoder":
-            from domains.audio.autoencoder import AutoencoderLoss
+            from domains.audio.autoencoder import AutoencoderLoss, build_autoencoder
 
             m = cfg.model
-            ae = _build_autoencoder(cfg)
+            ae = build_autoencoder(cfg)
             ae.check_length(_clip_length(cfg.data), f"clips ({cfg.data.seconds} s x {cfg.data.sample_rate} Hz)")
             return AutoencoderLoss(ae, m.ae_segment, m.ae_wave_weight, m.ae_kl_weight)
         if cfg.model.kind != "classifier":

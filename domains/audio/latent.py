@@ -46,14 +46,15 @@ def _fingerprint(model: torch.nn.Module) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _load(path: str, mtime_ns: int) -> Any:
-    from domains.audio.domain import AudioDomain, _build_autoencoder
+    from domains.audio.autoencoder import build_autoencoder
     from multidiff.registry import read_run
 
-    run = read_run(path, AudioDomain())
-    if run.cfg.model.kind != "autoencoder":
-        raise ValueError(f"{run.path}: not an audio autoencoder (model.kind={run.cfg.model.kind!r}); data.latent must "
+    run = read_run(path)  # the registry's audio domain (no import of domains.audio.domain: it imports this module)
+    if run.domain.name != "audio" or run.cfg.model.kind != "autoencoder":
+        raise ValueError(f"{run.path}: not an audio autoencoder (a {run.domain.name} model, model.kind="
+                         f"{getattr(run.cfg.model, 'kind', None)!r}); data.latent must "
                          f"name a run or export of `multidiff train audio --config autoencoder`")
-    ae = run.load_into(_build_autoencoder(run.cfg), "autoencoder.", what="autoencoder").eval()
+    ae = run.load_into(build_autoencoder(run.cfg), "autoencoder.", what="autoencoder").eval()
     for p in ae.parameters():
         p.requires_grad_(False)
     ae.fingerprint = _fingerprint(ae)
