@@ -3,7 +3,8 @@
 For the test split of the autoencoder's data (or ``--source``/``--root``), encode and decode every clip and report,
 one JSON line each: SNR (dB), multi-resolution STFT distance, the judge's accuracy on the reconstructions next to
 its accuracy on the originals, the noise floor (quietest vs loudest 50 ms frame) of both, the latent shape, and the
-encode / decode real-time factors on this machine.
+encode / decode real-time factors on this machine; FID and IS of originals and reconstructions against the training
+clips (the ceiling a latent model on this autoencoder can reach).
 
     python bench/audio_autoencoder.py --checkpoint data/checkpoints/audio_autoencoder.safetensors [--threads 1]
     python bench/audio_autoencoder.py --checkpoint runs/audio_ae --source fsdd --root ../shared/data/fsdd
@@ -27,7 +28,8 @@ if str(ROOT) not in sys.path:
 from bench._common import emit  # noqa: E402
 from domains.audio.domain import DEFAULT_CLASSIFIER, load_any_classifier, load_clips  # noqa: E402
 from domains.audio.latent import encode_clips, load_autoencoder  # noqa: E402
-from domains.audio.metrics import conditional_accuracy, multi_resolution_stft_distance, noise_floor_db  # noqa: E402
+from domains.audio.metrics import (conditional_accuracy, evaluate_audio, multi_resolution_stft_distance,
+                                    noise_floor_db)  # noqa: E402
 from multidiff.pipeline import load_run  # noqa: E402
 
 
@@ -72,11 +74,19 @@ def main() -> None:
     emit("noise_floor_db", {**setting, "row": "reconstructions"}, float(torch.tensor(noise_floor_db(y, clips.sample_rate)).median()), "dB")
     emit("noise_floor_db", {**setting, "row": "originals"}, float(torch.tensor(noise_floor_db(x, clips.sample_rate)).median()), "dB")
     clf = load_any_classifier(a.classifier)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train = load_clips(dataclasses.replace(data, max_clips=None), "train")
     with torch.no_grad():
         for row, audio in (("originals", x), ("reconstructions", y)):
             logits = torch.cat([clf(audio[i: i + 128]) for i in range(0, audio.shape[0], 128)])
             emit("judge accuracy", {**setting, "row": row, "classifier": a.classifier},
                  conditional_accuracy(logits, clips.labels), "fraction")
+            m = evaluate_audio(audio, clf, reference=train.audio[..., : audio.shape[-1]], labels=clips.labels,
+                               sample_rate=clips.sample_rate, ndb_bins=min(50, max(2, audio.shape[0] // 4)))
+            for key in ("fid", "is"):
+                emit(key, {**setting, "row": row, "classifier": a.classifier, "reference": "train split"}, m[key],
+                     key.upper())
 
 
 if __name__ == "__main__":
