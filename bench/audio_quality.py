@@ -25,6 +25,7 @@ samples and real clips) and ``grid_line_db`` (how far the lines at multiples of
 sample_rate / patch stand above their spectral neighbourhood in the samples, and in the real clips for reference).
 
     python bench/audio_quality.py --checkpoint runs/audio_fast [--per-label 16] [--steps 25] [--out samples/q]
+    python bench/audio_quality.py --checkpoint data/checkpoints/audio.safetensors runs/audio_latent   # side by side
 """
 
 from __future__ import annotations
@@ -104,7 +105,9 @@ def emit_grid_lines(audio: torch.Tensor, cfg: Any, setting: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir or .safetensors file")
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="run dir, checkpoint dir or .safetensors file; several: each in turn on the same settings "
+                        "(e.g. a waveform and a latent model side by side), the real rows once")
     p.add_argument("--per-label", type=int, default=16, help="generated clips per label")
     p.add_argument("--sampler", default=None, help="default: the recipe's sample.sampler")
     p.add_argument("--steps", type=int, default=None, help="default: the recipe's sample.steps")
@@ -128,10 +131,17 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    model = pipeline.load_model(a.checkpoint)
+    for k, checkpoint in enumerate(a.checkpoint):
+        model = pipeline.load_model(checkpoint)
+        if model.domain.name != "audio":
+            p.error(f"{checkpoint}: a {model.domain.name!r} checkpoint, not an audio one")
+        out = None if a.out is None else (Path(a.out) if len(a.checkpoint) == 1 else Path(a.out) / f"model{k}")
+        run_one(a, model, out, reference=k == 0 and not a.no_reference)
+
+
+def run_one(a: argparse.Namespace, model: pipeline.LoadedModel, keep: Path | None, reference: bool) -> None:
+    """Sample and score one checkpoint; the real-data rows only when ``reference``."""
     domain, cfg = model.domain, model.cfg
-    if domain.name != "audio":
-        p.error(f"{a.checkpoint}: a {domain.name!r} checkpoint, not an audio one")
     sc = cfg.sample
     sampler, steps = a.sampler or sc.sampler, a.steps or sc.steps
     grid = a.grid or sc.grid
@@ -173,16 +183,16 @@ def main() -> None:
     # --- score the samples (with each judge) ---
     judges = a.classifier or [None]
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(a.out) if a.out else Path(tmp) / "samples"
+        out = keep if keep is not None else Path(tmp) / "samples"
         domain.write(samples, out)
         for i, judge in enumerate(judges):
             if judge is not None:
                 eval_cfg.data.classifier = str(Path(judge).resolve())
-            score(a, model, samples, out, eval_cfg, dict(setting), first=i == 0)
+            score(a, model, samples, out, eval_cfg, dict(setting), first=i == 0, reference=reference)
 
 
 def score(a: argparse.Namespace, model: pipeline.LoadedModel, samples: dict, out: Path, eval_cfg: Any,
-          setting: dict, first: bool) -> None:
+          setting: dict, first: bool, reference: bool = True) -> None:
     """The sample rows and the real rows under the judge of ``eval_cfg.data.classifier``; the judge-free numbers
     (rms, silent share, lines, patch grid) only with the ``first`` judge."""
     domain, cfg = model.domain, model.cfg
@@ -208,7 +218,7 @@ def score(a: argparse.Namespace, model: pipeline.LoadedModel, samples: dict, out
             emit("patch_grid_share", {**setting, "t": t, "patch": cfg.model.patch}, share, "fraction of denoised RMS on silence")
 
     # --- the real data's row ---
-    if a.no_reference:
+    if not reference:
         return
     clf = load_any_classifier(Path(setting["classifier"]))
     ndb_bins = min(50, max(2, n_gen // 4))
