@@ -155,9 +155,9 @@ class ContentIndexCache:
         version = self.version_of(entries)
         if added or changed or removed or not old:
             self._write(entries, fresh, old, version)
-        elif restat:
-            self._write_index({**old, "files": entries})
         else:
+            if restat:  # only stats changed (files touched or re-created with the same bytes): same data file
+                self._write_index({**old, "files": entries})
             self._data_path = self.directory / old["data"] if old.get("data") else None
         return SyncResult(self, entries, added, changed, removed, unchanged, hashed, version,
                           time.perf_counter() - start)

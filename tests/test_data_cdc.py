@@ -170,3 +170,20 @@ def test_watch_keeps_the_cache_in_sync_and_stops_by_itself(tmp_path: Path) -> No
     second = json.loads(proc.stdout.readline())
     assert second["changes"]["added_files"] == ["b/late.wav"] and time.monotonic() - t0 < 5
     assert proc.wait(timeout=30) == 0
+
+
+def test_a_folder_recreated_with_the_same_bytes_loads_from_its_cache(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file touched (new mtime, same content): nothing is reprocessed, the index learns the new stats, and the
+    clips still come from the existing data file (this once failed with 'no cached tensor')."""
+    root = make_folder(tmp_path / "clips")
+    monkeypatch.setenv("MULTIDIFF_CACHE", str(tmp_path / "cache"))
+    before = load(root)
+    for path in root.rglob("*.wav"):
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    synced = adata.load_folder(root, sample_rate=SR, seconds=0.32, sync_only=True)
+    assert synced.changes["unchanged"] == 13 and synced.hashed == 13 and synced.version == before.version
+    after = load(root)
+    assert np.array_equal(after.audio.numpy(), before.audio.numpy())
+    assert adata.load_folder(root, sample_rate=SR, seconds=0.32, sync_only=True).hashed == 0  # stats remembered
