@@ -396,12 +396,10 @@ def _codec(cfg: Any) -> Any:
     version and statistics, so requests of one model share it."""
     if not cfg.data.latent:
         return None
-    from domains.audio.latent import find_autoencoder
+    from domains.audio.latent import file_stamp, find_autoencoder
 
-    path = find_autoencoder(cfg.data.latent)
-    stamp = max((p.stat().st_mtime_ns for p in ([path] if path.is_file() else path.rglob("*"))), default=0)
     return _codec_cached(cfg.data.latent, json.dumps(cfg.data.latent_stats, sort_keys=True), cfg.data.sample_rate,
-                         _clip_length(cfg.data), stamp)
+                         _clip_length(cfg.data), file_stamp(find_autoencoder(cfg.data.latent)))
 
 
 @functools.lru_cache(maxsize=4)

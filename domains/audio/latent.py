@@ -65,8 +65,12 @@ def _load(path: str, mtime_ns: int) -> Any:
 def load_autoencoder(spec: str) -> Any:
     """The `AudioAutoencoder` (EMA weights, eval mode, frozen) of a ``data.latent`` path; cached per file version."""
     path = find_autoencoder(spec)
-    stamp = max((p.stat().st_mtime_ns for p in ([path] if path.is_file() else path.rglob("*"))), default=0)
-    return _load(str(path.resolve()), stamp)
+    return _load(str(path.resolve()), file_stamp(path))
+
+
+def file_stamp(path: Path) -> int:
+    """The newest mtime (ns) of a file or of everything under a run directory: the cache key of its version."""
+    return max((p.stat().st_mtime_ns for p in ([path] if path.is_file() else path.rglob("*"))), default=0)
 
 
 def describe(ae: Any) -> dict[str, Any]:
