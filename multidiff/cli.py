@@ -497,6 +497,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Most samples waiting; more answers 429 with Retry-After.")] = 256,
     max_num: Annotated[int, typer.Option(help="Most samples per request.")] = 64,
     max_upload_mb: Annotated[float, typer.Option(help="Largest inpainting upload.")] = 5.0,
+    max_figures: Annotated[int, typer.Option(help="Recent samples whose picture (spectrogram / molecule PNG, rendered on first GET of its figure_url) stays fetchable.")] = 1024,
     exact: Annotated[bool, typer.Option(help="Pad every sampler call to --max-batch samples: a sample is bit-identical alone or batched (costs a full batch at low load).")] = False,
     precision: Annotated[str, typer.Option(help="As for `multidiff sample`, per served domain: auto (default: the domain's measured choice, audio bf16 on a CPU with AVX-512 BF16/AMX, else fp32), fp32, bf16 or int8. GET /v1/domains and every answer say which.")] = "auto",
     device: DeviceOpt = "auto",
@@ -525,7 +526,7 @@ def serve(
             if not ckpts:
                 raise FileNotFoundError("no shipped checkpoints found; pass --checkpoint DOMAIN=PATH")
         config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_num=max_num,
-                             max_upload_bytes=int(max_upload_mb * 2**20), exact=exact)
+                             max_upload_bytes=int(max_upload_mb * 2**20), max_figures=max_figures, exact=exact)
         run(ckpts, host=host, port=port, device=_resolve_device(device), config=config, log_level=log_level,
             precision=precision)
     except _user_errors() as e:

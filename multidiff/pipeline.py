@@ -468,11 +468,14 @@ def decode(model: LoadedModel, requests: Sequence[SampleRequest], xs: Sequence[T
     return parts[0] if len(parts) == 1 else model.domain.merge(parts)
 
 
-def write_samples(model: LoadedModel, samples: Any, out: Path, *, evaluate: bool = True) -> tuple[list[Path], dict[str, Any]]:
-    """Write samples with the domain's writer into ``out``; with ``evaluate`` also its metrics (``metrics.json``)."""
+def write_samples(model: LoadedModel, samples: Any, out: Path, *, evaluate: bool = True,
+                  figures: bool = True) -> tuple[list[Path], dict[str, Any]]:
+    """Write samples with the domain's writer into ``out`` (pictures too unless ``figures=False``); with ``evaluate``
+    also their metrics (``metrics.json``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = list(model.domain.write(samples, out))
+    extra = {} if figures else {"figures": False}  # domains written before ``figures`` existed still write with it
+    files = list(model.domain.write(samples, out, **extra))
     metrics: dict[str, Any] = {}
     if evaluate:
         metrics = model.domain.evaluate(out, model.cfg)

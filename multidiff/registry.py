@@ -191,8 +191,9 @@ class Domain(ABC, Generic[DataT, ModelT]):
         raise NotImplementedError
 
     @abstractmethod
-    def write(self, samples: Any, out_dir: Path) -> list[Path]:
-        """Write samples (files a user opens) into ``out_dir``."""
+    def write(self, samples: Any, out_dir: Path, *, figures: bool = True) -> list[Path]:
+        """Write samples (files a user opens) into ``out_dir``; ``figures=False`` leaves out the pictures (PNG), which
+        ``multidiff serve`` renders only when a client asks for them."""
 
     @abstractmethod
     def evaluate(self, path: Path, cfg: RunConfig[DataT, ModelT] | None = None) -> dict[str, float]:

@@ -1,9 +1,12 @@
 """``multidiff serve``: an HTTP server over the one generate path (FastAPI + uvicorn) with dynamic micro-batching.
 
 - ``POST /v1/{domain}/samples``: the knobs of ``multidiff sample`` (num, label / conditions, steps, sampler, grid,
-  guidance, rtol / atol for sampler 'adaptive', seed, inpaint upload + mask) as JSON, or as multipart form data (a ``params`` JSON field and an
-  ``inpaint`` file). Returns each sample's files (the domain's writer: WAV + spectrogram PNG, or SDF + XYZ + PNG;
-  binary as base64, text as text) and the domain's metrics. ``stream=true`` (query or body) answers with
+  guidance, rtol / atol for sampler 'adaptive', seed, inpaint upload + mask) as JSON, or as multipart form data (a
+  ``params`` JSON field and an ``inpaint`` file). Returns each sample's files (the domain's writer: WAV, or SDF + XYZ;
+  binary as base64, text as text) and the domain's metrics. Pictures are lazy: each sample carries a ``figure_url``
+  (``GET /v1/{domain}/figures/{id}.png`` renders its spectrogram / molecule drawing when first asked, for the last
+  ``max_figures`` samples), so clients that do not look pay nothing; ``figures="inline"`` puts the PNG among the
+  files instead, ``"none"`` leaves it out. ``stream=true`` (query or body) answers with
   server-sent events instead: ``queued``, ``progress`` (one per sampler step), ``sample`` (each finished sample),
   ``metrics`` and ``done`` (or ``error``).
 - Micro-batching: one worker thread runs the sampler. Queued samples whose domain and sampler settings agree are
@@ -32,7 +35,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -70,10 +73,11 @@ class ServeConfig:
     max_num: int = 64  # samples per request
     max_steps: int = 1000
     max_upload_bytes: int = 5 * 2**20
+    max_figures: int = 1024  # recent samples whose picture can still be fetched from their figure_url
     exact: bool = False  # pad every sampler call to max_batch samples: results bit-identical whatever the batch
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "max_num", "max_steps", "max_upload_bytes"):
+        for name in ("max_batch", "max_queue", "max_num", "max_steps", "max_upload_bytes", "max_figures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
@@ -103,6 +107,7 @@ class Job:
     seeds: list[int]
     loop: asyncio.AbstractEventLoop
     metrics: bool = True
+    figures: str = "url"  # 'url' (rendered on request), 'inline' (PNG among the files) or 'none'
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     workdir: Path | None = None  # uploaded file; removed when the job ends
     alone: bool = False  # never share a sampler call with another job (exact mode, sampler 'adaptive')
@@ -158,11 +163,49 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+class Figures:
+    """Pictures of the ``capacity`` most recently served or viewed samples, rendered by the domain's writer when first
+    asked for (least recently used forgotten first)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, str], tuple[LoadedModel, SampleRequest, torch.Tensor] | bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, domain: str, key: str, model: LoadedModel, request: SampleRequest, x: torch.Tensor) -> None:
+        """Remember a sample (the oldest one is forgotten beyond ``capacity``)."""
+        with self._lock:
+            self._items[(domain, key)] = (model, request, x)
+            self._items.move_to_end((domain, key))
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def png(self, domain: str, key: str) -> bytes | None:
+        """The sample's picture as PNG bytes (rendered once, then kept), or None when it is unknown or forgotten."""
+        with self._lock:
+            item = self._items.get((domain, key))
+            if item is not None:
+                self._items.move_to_end((domain, key))
+        if item is None or isinstance(item, bytes):
+            return item
+        model, request, x = item
+        with tempfile.TemporaryDirectory(prefix="multidiff-figure-") as tmp:
+            files, _ = pipeline.write_samples(model, pipeline.decode(model, [request], [x]), Path(tmp), evaluate=False)
+            pngs = [f for f in files if f.suffix.lower() == ".png"]
+            data = pngs[0].read_bytes() if pngs else None
+        if data is not None:
+            with self._lock:
+                if (domain, key) in self._items:
+                    self._items[(domain, key)] = data
+        return data
+
+
 class Batcher:
     """Forms sampler calls from queued jobs in one worker thread; encodes finished samples in another."""
 
-    def __init__(self, config: ServeConfig, metrics: Metrics) -> None:
+    def __init__(self, config: ServeConfig, metrics: Metrics, figures: Figures | None = None) -> None:
         self.config, self.metrics = config, metrics
+        self.figures = figures or Figures(config.max_figures)
         self._pending: deque[Job] = deque()
         self._waiting = 0  # samples of pending jobs not yet in a sampler call
         self._cond = threading.Condition()
@@ -302,11 +345,17 @@ class Batcher:
         try:
             model, request = job.model, job.requests[index]
             with tempfile.TemporaryDirectory(prefix="multidiff-sample-") as tmp:
-                files, _ = pipeline.write_samples(model, pipeline.decode(model, [request], [x]), Path(tmp), evaluate=False)
+                files, _ = pipeline.write_samples(model, pipeline.decode(model, [request], [x]), Path(tmp),
+                                                  evaluate=False, figures=job.figures == "inline")
                 payload = [_file_payload(f) for f in files]
             digest = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
             job.results[index] = x
-            job.emit("sample", {"index": index, "seed": job.seeds[index], "digest": digest, "files": payload})
+            event = {"index": index, "seed": job.seeds[index], "digest": digest, "files": payload}
+            if job.figures == "url":
+                key = f"{digest[:32]}-{job.seeds[index]}"
+                self.figures.add(job.domain, key, model, request, x)
+                event["figure_url"] = f"/v1/{job.domain}/figures/{key}.png"
+            job.emit("sample", event)
             self.metrics.served.labels(job.domain).inc()
             if len(job.results) < job.num:
                 return
@@ -315,7 +364,7 @@ class Batcher:
                 with tempfile.TemporaryDirectory(prefix="multidiff-job-") as tmp:
                     order = range(job.num)
                     samples = pipeline.decode(model, [job.requests[i] for i in order], [job.results[i] for i in order])
-                    _, metrics = pipeline.write_samples(model, samples, Path(tmp), evaluate=True)
+                    _, metrics = pipeline.write_samples(model, samples, Path(tmp), evaluate=True, figures=False)
                 job.emit("metrics", _jsonable(metrics))
             self.metrics.latency.labels(job.domain).observe(time.monotonic() - job.enqueued)
             job.finished = True
@@ -388,6 +437,7 @@ class SampleBody(BaseModel):
     inpaint: InpaintFile | None = None
     stream: bool = False
     metrics: bool = True
+    figures: Literal["url", "inline", "none"] = "url"
 
 
 def _invalid(field_name: str, message: str) -> Any:
@@ -419,11 +469,12 @@ def create_app(models: dict[str, LoadedModel], config: ServeConfig | None = None
 
     config = config or ServeConfig()
     metrics = Metrics()
+    figures = Figures(config.max_figures)
     state: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state["batcher"] = Batcher(config, metrics)
+        state["batcher"] = Batcher(config, metrics, figures)
         yield
         await asyncio.to_thread(state["batcher"].stop)
 
@@ -444,6 +495,15 @@ def create_app(models: dict[str, LoadedModel], config: ServeConfig | None = None
     async def prometheus() -> Any:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+    @app.get("/v1/{domain}/figures/{name}")
+    async def figure(domain: str, name: str) -> Any:
+        key = name.removesuffix(".png")
+        data = await asyncio.to_thread(figures.png, domain, key) if name.endswith(".png") else None
+        if data is None:
+            return JSONResponse({"detail": f"no figure {name!r} for domain {domain!r}: unknown, or older than the "
+                                           f"last {config.max_figures} samples (server --max-figures)"}, status_code=404)
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/v1/domains")
     async def domains() -> dict[str, Any]:
@@ -493,7 +553,7 @@ def create_app(models: dict[str, LoadedModel], config: ServeConfig | None = None
             return JSONResponse({"detail": f"domain {domain!r} cannot be served sample by sample (it defines no merge)"},
                                 status_code=501)
         job = Job(domain, model, settings, requests, [seed + i for i in range(body.num)], asyncio.get_running_loop(),
-                  metrics=body.metrics, workdir=workdir, alone=config.exact and settings.sampler == "adaptive")
+                  metrics=body.metrics, figures=body.figures, workdir=workdir, alone=config.exact and settings.sampler == "adaptive")
         try:
             state["batcher"].submit(job)
         except QueueFull as err:

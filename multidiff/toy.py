@@ -163,7 +163,7 @@ class ToyDomain(Domain[ToyData, ToyModel]):
     def merge(self, parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         return {key: torch.cat([p[key] for p in parts]) for key in ("x", "label")}
 
-    def write(self, samples: dict[str, Tensor], out_dir: Path) -> list[Path]:
+    def write(self, samples: dict[str, Tensor], out_dir: Path, *, figures: bool = True) -> list[Path]:
         from .demo import save_scatter
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +173,8 @@ class ToyDomain(Domain[ToyData, ToyModel]):
             w.writerow(["x", "y", "label"])
             for (a, b), lab in zip(samples["x"].tolist(), samples["label"].tolist()):
                 w.writerow([f"{a:.6f}", f"{b:.6f}", lab])
+        if not figures:
+            return [path]
         png = out_dir / "samples.png"
         ref, _ = toy_mixture(ToyData()).sample(2000, torch.Generator().manual_seed(0))
         save_scatter(samples["x"], ref, f"toy samples (n={samples['x'].shape[0]})", png)

@@ -126,7 +126,7 @@ def test_health_domains_page(server) -> None:
 
 
 def test_audio_samples(server) -> None:
-    r = post(server, "audio", {"num": 2, "label": "seven", "seed": 3, **FAST})
+    r = post(server, "audio", {"num": 2, "label": "seven", "seed": 3, "figures": "inline", **FAST})
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["seed"] == 3 and out["settings"]["steps"] == 2 and [s["seed"] for s in out["samples"]] == [3, 4]
@@ -135,7 +135,7 @@ def test_audio_samples(server) -> None:
         wave, sr = sf.read(io.BytesIO(base64.b64decode(f["wav"]["base64"])))
         assert sr == 16000 and wave.shape == (16000,) and np.isfinite(wave).all()
         assert base64.b64decode(f["png"]["base64"])[:8] == b"\x89PNG\r\n\x1a\n"
-        assert json.loads(f["labels"]["text"])["samples"][0]["label"] == 7
+        assert json.loads(f["labels"]["text"])["samples"][0]["label"] == 7 and "figure_url" not in s
     r = post(server, "audio", {"num": 1, "label": 2, "seed": 3, "steps": 2})  # with metrics
     assert r.status_code == 200 and r.json()["metrics"]["count"] == 1.0
 
@@ -146,8 +146,42 @@ def test_molecule_samples(server) -> None:
     out = r.json()
     f = files_of(out["samples"][0])
     assert "V2000" in f["sdf"]["text"] and f["xyz"]["text"].split()[0] == "9"
-    assert base64.b64decode(f["png"]["base64"])[:4] == b"\x89PNG"
+    assert out["samples"][0]["figure_url"].startswith("/v1/molecules/figures/")
     assert "atom_stability" in out["metrics"]
+
+
+def test_figures_are_rendered_on_request_and_equal_the_inline_ones(server) -> None:
+    """By default a sample carries a figure_url instead of a PNG; fetching it gives the bytes the writer puts inline."""
+    body = {"num": 1, "label": 4, "seed": 21, **FAST}
+    lazy = post(server, "audio", body).json()["samples"][0]
+    inline = post(server, "audio", {**body, "figures": "inline"}).json()["samples"][0]
+    none = post(server, "audio", {**body, "figures": "none"}).json()["samples"][0]
+    assert "png" not in files_of(lazy) and "png" not in files_of(none) and "figure_url" not in none
+    assert lazy["digest"] == inline["digest"] == none["digest"]
+    r = httpx.get(server.url + lazy["figure_url"], timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content == base64.b64decode(files_of(inline)["png"]["base64"])
+    assert httpx.get(server.url + lazy["figure_url"], timeout=60).content == r.content  # kept, not re-rendered
+    mol = post(server, "molecules", {"num": 1, "steps": 3, "seed": 0, "conditions": {"n": 9}, "metrics": False}).json()
+    png = httpx.get(server.url + mol["samples"][0]["figure_url"], timeout=60)
+    assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    missing = httpx.get(server.url + "/v1/audio/figures/0123-4.png", timeout=10)
+    assert missing.status_code == 404 and "--max-figures" in missing.json()["detail"]
+    assert httpx.get(server.url + lazy["figure_url"].replace("/audio/", "/molecules/"), timeout=10).status_code == 404
+
+
+def test_figure_store_forgets_the_oldest_beyond_its_capacity(models) -> None:
+    from multidiff.serve import Figures
+
+    m = models["audio"]
+    store = Figures(capacity=2)
+    reqs = pipeline.layout(m, 3, {"label": "1"}, seed=0)
+    for k, r in enumerate(reqs):
+        store.add("audio", f"s{k}", m, r, torch.zeros_like(r.like))
+    assert store.png("audio", "s0") is None
+    assert store.png("audio", "s2")[:4] == b"\x89PNG" and store.png("audio", "s1")[:4] == b"\x89PNG"
+    store.add("audio", "s3", m, reqs[0], torch.zeros_like(reqs[0].like))  # s1 was used last: s2 goes
+    assert store.png("audio", "s2") is None and store.png("audio", "s1") is not None
 
 
 def sse_events(response: httpx.Response):

@@ -701,7 +701,7 @@ class AudioDomain(Domain[AudioData, AudioModel]):
         return {**parts[0], "audio": torch.cat([p["audio"] for p in parts]),
                 "labels": torch.cat([p["labels"] for p in parts])}
 
-    def write(self, samples: dict[str, Any], out_dir: Path) -> list[Path]:
+    def write(self, samples: dict[str, Any], out_dir: Path, *, figures: bool = True) -> list[Path]:
         from domains.audio.features import spectrogram_grid_png
 
         out_dir = Path(out_dir)
@@ -714,7 +714,10 @@ class AudioDomain(Domain[AudioData, AudioModel]):
             _write_wav(path, wave[0], sr, samples.get("wav_format", "pcm16"))
             files.append(path)
             rows.append({"file": path.name, "label": lab, "name": names[lab]})
-        png = spectrogram_grid_png(audio, sr, out_dir / GRID_FILE, titles=[f"#{i} {names[r['label']]}" for i, r in enumerate(rows)])
+        pictures = []
+        if figures:
+            titles = [f"#{i} {names[r['label']]}" for i, r in enumerate(rows)]
+            pictures.append(Path(spectrogram_grid_png(audio, sr, out_dir / GRID_FILE, titles=titles)))
         meta = {"sample_rate": sr, "class_names": names, "samples": rows}
         if "data" in samples:
             meta["data"] = samples["data"]  # the model's data: `evaluate` scores against the same reference set
@@ -722,7 +725,7 @@ class AudioDomain(Domain[AudioData, AudioModel]):
             meta["inpaint"] = samples["inpaint"]
         labels_path = out_dir / LABELS_FILE
         labels_path.write_text(json.dumps(meta, indent=2) + "\n")
-        return [*files, Path(png), labels_path]
+        return [*files, *pictures, labels_path]
 
     def read(self, path: Path) -> dict[str, Any]:
         """Read WAVs written by ``write`` (a directory, or one WAV) with their labels when labels.json is there.

@@ -648,7 +648,7 @@ class MoleculesDomain(Domain[MolData, MolModel]):
         return MolSamples([m for p in parts for m in p.molecules],
                           {n: [v for p in parts for v in p.properties[n]] for n in names})
 
-    def write(self, samples: MolSamples, out_dir: Path) -> list[Path]:
+    def write(self, samples: MolSamples, out_dir: Path, *, figures: bool = True) -> list[Path]:
         from domains.molecules.io import write_png_grid, write_sdf, write_xyz
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -657,8 +657,9 @@ class MoleculesDomain(Domain[MolData, MolModel]):
             props = " ".join(f"{name}={vals[k]:.6g}" for name, vals in samples.properties.items())
             comments.append(f"molecule {k}" + (f" {props}" if props else ""))
         files = [write_sdf(samples.molecules, out_dir / SAMPLES_FILE),
-                 write_xyz(samples.molecules, out_dir / SAMPLES_XYZ, comments),
-                 write_png_grid(samples.molecules[:PNG_LIMIT], out_dir / "molecules.png")]
+                 write_xyz(samples.molecules, out_dir / SAMPLES_XYZ, comments)]
+        if figures:
+            files.append(write_png_grid(samples.molecules[:PNG_LIMIT], out_dir / "molecules.png"))
         return files
 
     # --- evaluation -----------------------------------------------------------------------------------------------
