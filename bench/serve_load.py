@@ -4,7 +4,8 @@ For each batching setting a real server is started on 127.0.0.1 (shipped checkpo
 concurrent clients (1, 4, 16, 64) every client sends one-sample requests back to back until the setting's request
 budget or time budget is spent. Numbers, one JSON line each (``{"what", "setting", "number", "unit", "machine"}``):
 ``serve_throughput`` (samples/s), ``serve_latency_p50`` / ``serve_latency_p99`` (s, request sent to answer),
-``serve_batch_mean`` (samples per sampler call, from the server's /metrics).
+``serve_batch_mean`` (samples per sampler call, from the server's /metrics). ``--figures inline`` makes the server
+render each sample's picture (audio: a matplotlib spectrogram) as it did before pictures were served on request.
 
     python bench/serve_load.py                                    # audio, 10 steps, 1/4/16/64 clients
     python bench/serve_load.py --clients 1 16 --requests 48 --steps 10 --max-seconds 120
@@ -70,7 +71,7 @@ def metric(url: str, name: str) -> float:
 def load(url: str, args: argparse.Namespace, clients: int) -> tuple[float, list[float], int]:
     """``clients`` concurrent clients, one-sample requests until ``args.requests`` are sent or the time budget is
     spent; returns (wall seconds, latencies, samples)."""
-    body = {"num": 1, "steps": args.steps, "metrics": False}
+    body = {"num": 1, "steps": args.steps, "metrics": False, "figures": args.figures}
     sent = 0
     lock = threading.Lock()
     latencies: list[float] = []
@@ -117,6 +118,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--max-batch", type=int, default=16, help="the batched setting (compared with --max-batch 1)")
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
+    parser.add_argument("--figures", choices=("url", "inline", "none"), default="url",
+                        help="the requests' figures: url (rendered only when fetched; this bench fetches none), inline PNG, none")
     args = parser.parse_args()
     for max_batch in (args.max_batch, 1):
         proc, url = start_server(args, max_batch)
@@ -125,7 +128,8 @@ def main() -> None:
             for clients in args.clients:
                 calls, batched = metric(url, "multidiff_batch_samples_count"), metric(url, "multidiff_batch_samples_sum")
                 wall, lat, samples = load(url, args, clients)
-                setting = f"{args.domain} steps={args.steps} clients={clients} max_batch={max_batch} max_wait_ms={args.max_wait_ms:g}"
+                setting = (f"{args.domain} steps={args.steps} clients={clients} max_batch={max_batch} "
+                           f"max_wait_ms={args.max_wait_ms:g} figures={args.figures}")
                 emit("serve_throughput", setting, samples / wall, "samples/s", digits=4)
                 emit("serve_latency_p50", setting, percentile(lat, 50), "s", digits=4)
                 emit("serve_latency_p99", setting, percentile(lat, 99), "s", digits=4)
