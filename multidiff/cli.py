@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -113,6 +114,11 @@ def train(
     if int(os.environ.get("RANK", "0")) == 0:
         print(dumps_json({"run": str(run_dir), "step": result.step, "loss": result.loss, "stopped": result.stopped,
                           "checkpoint": str(result.checkpoint) if result.checkpoint else None}))
+    if result.stopped == "interrupted":  # saved and stopped cleanly; the exit status still says which signal
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"interrupted at step {result.step}; continue with: multidiff train {domain} --out {run_dir} --resume "
+                  f"(and the same --config / overrides)", file=sys.stderr)
+        raise typer.Exit(128 + int(result.signal or signal.SIGTERM))
 
 
 def _parse_conditions(items: list[str] | None, label: str | None = None) -> dict[str, str]:

@@ -17,7 +17,9 @@ import json
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
@@ -107,9 +109,37 @@ class TrainResult:
     step: int
     loss: float | None
     elapsed_s: float
-    stopped: Literal["steps", "time"]
+    stopped: Literal["steps", "time", "interrupted"]
     checkpoint: Path | None
     log_path: Path | None
+    signal: int | None = None  # the signal that stopped an 'interrupted' run (SIGINT 2, SIGTERM 15)
+
+
+class StopSignals:
+    """SIGINT / SIGTERM while training: finish the step, save a checkpoint and stop ('interrupted'); a second SIGINT
+    aborts at once (the last saved checkpoint stays). Installed only from the main thread, restored on exit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"multidiff train: {signal.Signals(signum).name} - stopping after this step with a checkpoint "
+              f"(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -431,38 +461,46 @@ class Trainer:
         def elapsed() -> float:
             return elapsed_before + time.perf_counter() - t0
 
-        stopped: Literal["steps", "time"] = "time" if elapsed_before >= budget_s else "steps"
+        stopped: Literal["steps", "time", "interrupted"] = "time" if elapsed_before >= budget_s else "steps"
         last_loss: float | None = None
         last_ckpt: Path | None = chosen
         win_loss, win_n, win_t = 0.0, 0, time.perf_counter()
         self.model.train()
+        stop = StopSignals()
         try:
-            while self.step < cfg.steps and stopped == "steps":
-                loss, gnorm, lr, time_up = self._train_step(net, stream, elapsed() >= budget_s)
-                self.step += 1
-                last_loss = loss
-                win_loss, win_n = win_loss + loss, win_n + 1
-                if time_up:
-                    stopped = "time"
-                final = self.step >= cfg.steps or stopped == "time"
-                record: dict[str, Any] = {}
-                if self.step % cfg.log_every == 0 or final:
-                    now = time.perf_counter()
-                    sps = win_n / max(now - win_t, 1e-9)
-                    record.update(
-                        loss=win_loss / win_n, lr=lr, grad_norm=gnorm, steps_per_s=sps,
-                        samples_per_s=sps * cfg.batch_size * cfg.grad_accum, epoch=stream.epoch,
-                        wall_s=round(elapsed(), 3),
-                    )
-                    bar.update(completed=self.step, loss=win_loss / win_n, sps=sps)
-                    win_loss, win_n, win_t = 0.0, 0, now
-                if self.eval_fn is not None and cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or final):
-                    if env.is_main:
-                        record.update({f"eval/{k}": float(v) for k, v in self._evaluate().items()})
-                if record and runlog is not None:
-                    runlog.write({"step": self.step, **record})
-                if (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0) or final:
-                    last_ckpt = self._save(stream, elapsed())
+            with stop:
+                while self.step < cfg.steps and stopped == "steps":
+                    loss, gnorm, lr, time_up, interrupted = self._train_step(
+                        net, stream, elapsed() >= budget_s, stop.signum is not None)
+                    self.step += 1
+                    last_loss = loss
+                    win_loss, win_n = win_loss + loss, win_n + 1
+                    if interrupted:  # on any rank: every rank stops after the same step
+                        stopped = "interrupted"
+                    elif time_up:
+                        stopped = "time"
+                    final = self.step >= cfg.steps or stopped != "steps"
+                    record: dict[str, Any] = {}
+                    if self.step % cfg.log_every == 0 or final:
+                        now = time.perf_counter()
+                        sps = win_n / max(now - win_t, 1e-9)
+                        record.update(
+                            loss=win_loss / win_n, lr=lr, grad_norm=gnorm, steps_per_s=sps,
+                            samples_per_s=sps * cfg.batch_size * cfg.grad_accum, epoch=stream.epoch,
+                            wall_s=round(elapsed(), 3),
+                        )
+                        bar.update(completed=self.step, loss=win_loss / win_n, sps=sps)
+                        win_loss, win_n, win_t = 0.0, 0, now
+                    if self.eval_fn is not None and cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or final):
+                        if env.is_main:
+                            record.update({f"eval/{k}": float(v) for k, v in self._evaluate().items()})
+                    if record and runlog is not None:
+                        runlog.write({"step": self.step, **record})
+                    if (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0) or final:
+                        last_ckpt = self._save(stream, elapsed())
+                if stopped == "interrupted" and runlog is not None:
+                    runlog.write({"step": self.step, "event": "interrupted",
+                                  "signal": signal.Signals(stop.signum).name if stop.signum else None})
         except NonFiniteLossError as e:
             if runlog is not None:
                 runlog.write({"step": self.step + 1, "event": "error", "error": str(e)})
@@ -479,12 +517,15 @@ class Trainer:
             stopped=stopped,
             checkpoint=last_ckpt if env.is_main else None,
             log_path=(self.out_dir / LOG_FILE) if env.is_main else None,
+            signal=(stop.signum or signal.SIGTERM) if stopped == "interrupted" else None,
         )
 
     # -- one optimizer step --
 
-    def _train_step(self, net: nn.Module, stream: _DataStream, time_up: bool) -> tuple[float, float, float, bool]:
-        """Accumulate `grad_accum` micro-batches, check for NaN, clip, step; returns (loss, grad norm, lr, time_up)."""
+    def _train_step(self, net: nn.Module, stream: _DataStream, time_up: bool,
+                    interrupted: bool = False) -> tuple[float, float, float, bool, bool]:
+        """Accumulate `grad_accum` micro-batches, check for NaN, clip, step; returns (loss, grad norm, lr, time_up,
+        interrupted), the flags true when true on any rank."""
         cfg = self.cfg
         k = cfg.grad_accum
         ddp = self.env.enabled
@@ -499,11 +540,12 @@ class Trainer:
                 loss = loss.float().reshape(())
                 (loss / k).backward()
             loss_sum += loss.detach()
-        stats = torch.stack([loss_sum / k, torch.tensor(float(time_up), device=self.device)])
+        stats = torch.stack([loss_sum / k, torch.tensor(float(time_up), device=self.device),
+                             torch.tensor(float(interrupted), device=self.device)])
         all_reduce_sum(stats)  # every rank sees the same mean loss, so all stop together on NaN
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        loss_v, flag, gnorm_v = torch.cat([stats, gnorm.reshape(1).to(stats)]).tolist()
+        loss_v, flag, stop_flag, gnorm_v = torch.cat([stats, gnorm.reshape(1).to(stats)]).tolist()
         loss_v /= self.env.world_size
         if not math.isfinite(loss_v):
             raise NonFiniteLossError(
@@ -518,7 +560,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update_parameters(self.model)
-        return loss_v, gnorm_v, lr, flag > 0
+        return loss_v, gnorm_v, lr, flag > 0, stop_flag > 0
 
     # -- evaluation --
 

@@ -229,3 +229,60 @@ def test_resume_true_without_checkpoint_starts_fresh(tmp_path: Path) -> None:
     Trainer(a, mse, dataset(), cfg, tmp_path / "a", progress=False).fit(resume=True)
     Trainer(b, mse, dataset(), cfg, tmp_path / "b", progress=False).fit()
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+# --- SIGINT / SIGTERM: stop after the step with a checkpoint ---------------------------------------------------------
+def test_stop_signals_flag_then_abort_and_restore_handlers() -> None:
+    import os
+    import signal
+
+    from multidiff.training import StopSignals
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM  # the first signal only asks to stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C aborts at once
+    assert signal.getsignal(signal.SIGINT) is before and stop.signum == signal.SIGTERM
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_stops_training_with_a_checkpoint_and_resume_continues(tmp_path: Path, sig: str) -> None:
+    """`multidiff train` sent SIGINT / SIGTERM mid-run: it finishes the step, saves a checkpoint at that step (none
+    would exist otherwise: ckpt_every is beyond the run), logs the event, exits 128 + signal; --resume goes on."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    env = {**os.environ, "MULTIDIFF_MALLOC": "system", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "multidiff.cli", "train", "toy", "train.steps=1000000", "train.ckpt_every=10000000",
+            "train.log_every=10", "--out", str(run), "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = run / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and any(json.loads(line).get("step", 0) >= 30 for line in log.read_text().splitlines()[1:]):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(getattr(signal, sig))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + getattr(signal, sig), err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["stopped"] == "interrupted" and result["step"] >= 30
+    assert Path(result["checkpoint"]).name == f"step_{result['step']:08d}"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records[-1] == {"step": result["step"], "event": "interrupted", "signal": sig}
+    assert "--resume" in err
+    more = subprocess.run(args[:5] + [f"train.steps={result['step'] + 5}"] + args[6:] + ["--resume"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert more.returncode == 0, more.stderr
+    resumed = json.loads(more.stdout.strip().splitlines()[-1])
+    assert resumed["stopped"] == "steps" and resumed["step"] == result["step"] + 5
+    starts = [json.loads(line) for line in log.read_text().splitlines() if '"resume"' in line]
+    assert starts and starts[-1]["step"] == result["step"]
