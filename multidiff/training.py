@@ -115,6 +115,11 @@ class TrainResult:
     signal: int | None = None  # the signal that stopped an 'interrupted' run (SIGINT 2, SIGTERM 15)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C (sent to the whole process group): the trainer stops them after its checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class StopSignals:
     """SIGINT / SIGTERM while training: finish the step, save a checkpoint and stop ('interrupted'); a second SIGINT
     aborts at once (the last saved checkpoint stays). Installed only from the main thread, restored on exit."""
@@ -228,6 +233,7 @@ class _DataStream:
             num_workers=cfg.num_workers,
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(cfg.seed),  # keeps DataLoader off the global RNG
+            worker_init_fn=_ignore_sigint if cfg.num_workers > 0 else None,
         )
         self._it: Iterator[Any] | None = iter(self.loader)
 

@@ -247,10 +247,11 @@ def test_stop_signals_flag_then_abort_and_restore_handlers() -> None:
     assert signal.getsignal(signal.SIGINT) is before and stop.signum == signal.SIGTERM
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_signal_stops_training_with_a_checkpoint_and_resume_continues(tmp_path: Path, sig: str) -> None:
-    """`multidiff train` sent SIGINT / SIGTERM mid-run: it finishes the step, saves a checkpoint at that step (none
-    would exist otherwise: ckpt_every is beyond the run), logs the event, exits 128 + signal; --resume goes on."""
+@pytest.mark.parametrize("sig,workers", [("SIGINT", 2), ("SIGTERM", 0)])
+def test_signal_stops_training_with_a_checkpoint_and_resume_continues(tmp_path: Path, sig: str, workers: int) -> None:
+    """`multidiff train` sent SIGINT (as a terminal's Ctrl-C: to the whole process group, DataLoader workers too) or
+    SIGTERM mid-run: it finishes the step, saves a checkpoint at that step (none would exist otherwise: ckpt_every is
+    beyond the run), logs the event, exits 128 + signal; --resume goes on from there."""
     import json
     import os
     import signal
@@ -261,8 +262,9 @@ def test_signal_stops_training_with_a_checkpoint_and_resume_continues(tmp_path: 
     run = tmp_path / "run"
     env = {**os.environ, "MULTIDIFF_MALLOC": "system", "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "multidiff.cli", "train", "toy", "train.steps=1000000", "train.ckpt_every=10000000",
-            "train.log_every=10", "--out", str(run), "--no-progress"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            "train.log_every=10", f"train.num_workers={workers}", "--out", str(run), "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
     log = run / "log.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -270,7 +272,7 @@ def test_signal_stops_training_with_a_checkpoint_and_resume_continues(tmp_path: 
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
-    proc.send_signal(getattr(signal, sig))
+    os.killpg(proc.pid, getattr(signal, sig))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + getattr(signal, sig), err
     result = json.loads(out.strip().splitlines()[-1])
