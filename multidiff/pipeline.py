@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -468,14 +469,22 @@ def decode(model: LoadedModel, requests: Sequence[SampleRequest], xs: Sequence[T
     return parts[0] if len(parts) == 1 else model.domain.merge(parts)
 
 
+def _takes_figures(domain: Any) -> bool:
+    """Whether ``domain.write`` accepts ``figures`` (plugin domains written against the older contract do not)."""
+    params = inspect.signature(domain.write).parameters
+    return "figures" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def write_samples(model: LoadedModel, samples: Any, out: Path, *, evaluate: bool = True,
                   figures: bool = True) -> tuple[list[Path], dict[str, Any]]:
     """Write samples with the domain's writer into ``out`` (pictures too unless ``figures=False``); with ``evaluate``
     also their metrics (``metrics.json``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    extra = {} if figures else {"figures": False}  # domains written before ``figures`` existed still write with it
-    files = list(model.domain.write(samples, out, **extra))
+    if figures or _takes_figures(model.domain):
+        files = list(model.domain.write(samples, out, **({} if figures else {"figures": False})))
+    else:  # a domain written before ``figures`` existed: it draws them anyway; they are left out of the answer
+        files = [f for f in model.domain.write(samples, out) if Path(f).suffix.lower() != ".png"]
     metrics: dict[str, Any] = {}
     if evaluate:
         metrics = model.domain.evaluate(out, model.cfg)

@@ -82,6 +82,9 @@ class ServeConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms: expected >= 0, got {self.max_wait_ms}")
+        if self.max_figures < self.max_num:
+            raise ValueError(f"max_figures: expected >= max_num ({self.max_num}) so that a request's pictures outlive "
+                             f"it, got {self.max_figures}")
 
 
 class QueueFull(Exception):
@@ -165,38 +168,52 @@ class Metrics:
 
 class Figures:
     """Pictures of the ``capacity`` most recently served or viewed samples, rendered by the domain's writer when first
-    asked for (least recently used forgotten first)."""
+    asked for (one render at a time; least recently used forgotten first). Holds each sample decoded, on the CPU."""
+
+    NONE = b""  # the domain drew no picture for the sample
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str], tuple[LoadedModel, SampleRequest, torch.Tensor] | bytes] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], tuple[LoadedModel, Any] | bytes] = OrderedDict()
         self._lock = threading.Lock()
+        self._render = threading.Lock()  # renders one at a time (matplotlib's pyplot is not thread-safe)
+        self.renders = 0
 
-    def add(self, domain: str, key: str, model: LoadedModel, request: SampleRequest, x: torch.Tensor) -> None:
-        """Remember a sample (the oldest one is forgotten beyond ``capacity``)."""
+    def add(self, domain: str, key: str, model: LoadedModel, samples: Any) -> None:
+        """Remember a decoded sample (an entry already there is kept); the oldest is forgotten beyond ``capacity``."""
         with self._lock:
-            self._items[(domain, key)] = (model, request, x)
+            if (domain, key) not in self._items:
+                self._items[(domain, key)] = (model, samples)
             self._items.move_to_end((domain, key))
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
-    def png(self, domain: str, key: str) -> bytes | None:
-        """The sample's picture as PNG bytes (rendered once, then kept), or None when it is unknown or forgotten."""
+    def _get(self, domain: str, key: str) -> tuple[LoadedModel, Any] | bytes | None:
         with self._lock:
             item = self._items.get((domain, key))
             if item is not None:
                 self._items.move_to_end((domain, key))
+            return item
+
+    def png(self, domain: str, key: str) -> bytes | None:
+        """The sample's picture as PNG bytes (rendered once, then kept), ``Figures.NONE`` when its domain draws none,
+        or None when it is unknown or forgotten."""
+        item = self._get(domain, key)
         if item is None or isinstance(item, bytes):
             return item
-        model, request, x = item
-        with tempfile.TemporaryDirectory(prefix="multidiff-figure-") as tmp:
-            files, _ = pipeline.write_samples(model, pipeline.decode(model, [request], [x]), Path(tmp), evaluate=False)
-            pngs = [f for f in files if f.suffix.lower() == ".png"]
-            data = pngs[0].read_bytes() if pngs else None
-        if data is not None:
-            with self._lock:
-                if (domain, key) in self._items:
-                    self._items[(domain, key)] = data
+        with self._render:
+            item = self._get(domain, key)  # rendered by another request meanwhile?
+            if item is None or isinstance(item, bytes):
+                return item
+            model, samples = item
+            with tempfile.TemporaryDirectory(prefix="multidiff-figure-") as tmp:
+                files, _ = pipeline.write_samples(model, samples, Path(tmp), evaluate=False)
+                pngs = [f for f in files if f.suffix.lower() == ".png"]
+                data = pngs[0].read_bytes() if pngs else self.NONE
+            self.renders += 1
+        with self._lock:
+            if (domain, key) in self._items:
+                self._items[(domain, key)] = data
         return data
 
 
@@ -344,16 +361,18 @@ class Batcher:
             return
         try:
             model, request = job.model, job.requests[index]
+            x = x.detach().cpu().clone()  # not a view that keeps the whole batch alive
+            samples = pipeline.decode(model, [request], [x])
             with tempfile.TemporaryDirectory(prefix="multidiff-sample-") as tmp:
-                files, _ = pipeline.write_samples(model, pipeline.decode(model, [request], [x]), Path(tmp),
-                                                  evaluate=False, figures=job.figures == "inline")
+                files, _ = pipeline.write_samples(model, samples, Path(tmp), evaluate=False,
+                                                  figures=job.figures == "inline")
                 payload = [_file_payload(f) for f in files]
             digest = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
             job.results[index] = x
             event = {"index": index, "seed": job.seeds[index], "digest": digest, "files": payload}
             if job.figures == "url":
                 key = f"{digest[:32]}-{job.seeds[index]}"
-                self.figures.add(job.domain, key, model, request, x)
+                self.figures.add(job.domain, key, model, samples)
                 event["figure_url"] = f"/v1/{job.domain}/figures/{key}.png"
             job.emit("sample", event)
             self.metrics.served.labels(job.domain).inc()
@@ -503,6 +522,8 @@ def create_app(models: dict[str, LoadedModel], config: ServeConfig | None = None
         if data is None:
             return JSONResponse({"detail": f"no figure {name!r} for domain {domain!r}: unknown, or older than the "
                                            f"last {config.max_figures} samples (server --max-figures)"}, status_code=404)
+        if data == Figures.NONE:
+            return JSONResponse({"detail": f"domain {domain!r} draws no picture of its samples"}, status_code=404)
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/v1/domains")

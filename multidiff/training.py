@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -115,9 +116,11 @@ class TrainResult:
     signal: int | None = None  # the signal that stopped an 'interrupted' run (SIGINT 2, SIGTERM 15)
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers ignore Ctrl-C (sent to the whole process group): the trainer stops them after its checkpoint."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT / SIGTERM sent to the whole process group (a terminal's Ctrl-C, Slurm, kill
+    -PGID): the trainer finishes its step, saves, then stops them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class StopSignals:
@@ -138,12 +141,14 @@ class StopSignals:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"multidiff train: {signal.Signals(signum).name} - stopping after this step with a checkpoint "
-              f"(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+        # os.write, not print: a handler that prints while the main thread is printing raises "reentrant call"
+        os.write(2, f"multidiff train: {signal.Signals(signum).name} - stopping after this step with a checkpoint "
+                    f"(Ctrl-C again to abort at once)\n".encode())
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # None: a handler installed from C, which Python cannot re-install
+                signal.signal(sig, handler)
         self._previous.clear()
 
 
@@ -233,7 +238,7 @@ class _DataStream:
             num_workers=cfg.num_workers,
             pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(cfg.seed),  # keeps DataLoader off the global RNG
-            worker_init_fn=_ignore_sigint if cfg.num_workers > 0 else None,
+            worker_init_fn=_ignore_stop_signals if cfg.num_workers > 0 else None,
         )
         self._it: Iterator[Any] | None = iter(self.loader)
 
@@ -472,16 +477,16 @@ class Trainer:
         last_ckpt: Path | None = chosen
         win_loss, win_n, win_t = 0.0, 0, time.perf_counter()
         self.model.train()
-        stop = StopSignals()
+        stop, stop_signal = StopSignals(), None
         try:
             with stop:
                 while self.step < cfg.steps and stopped == "steps":
-                    loss, gnorm, lr, time_up, interrupted = self._train_step(
-                        net, stream, elapsed() >= budget_s, stop.signum is not None)
+                    loss, gnorm, lr, time_up, stop_signal = self._train_step(net, stream, elapsed() >= budget_s,
+                                                                             stop.signum)
                     self.step += 1
                     last_loss = loss
                     win_loss, win_n = win_loss + loss, win_n + 1
-                    if interrupted:  # on any rank: every rank stops after the same step
+                    if stop_signal:  # on any rank: every rank stops after the same step, with the same signal
                         stopped = "interrupted"
                     elif time_up:
                         stopped = "time"
@@ -497,7 +502,8 @@ class Trainer:
                         )
                         bar.update(completed=self.step, loss=win_loss / win_n, sps=sps)
                         win_loss, win_n, win_t = 0.0, 0, now
-                    if self.eval_fn is not None and cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or final):
+                    if (self.eval_fn is not None and cfg.eval_every > 0 and stopped != "interrupted"
+                            and (self.step % cfg.eval_every == 0 or final)):  # interrupted: save first, no eval
                         if env.is_main:
                             record.update({f"eval/{k}": float(v) for k, v in self._evaluate().items()})
                     if record and runlog is not None:
@@ -505,8 +511,7 @@ class Trainer:
                     if (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0) or final:
                         last_ckpt = self._save(stream, elapsed())
                 if stopped == "interrupted" and runlog is not None:
-                    runlog.write({"step": self.step, "event": "interrupted",
-                                  "signal": signal.Signals(stop.signum).name if stop.signum else None})
+                    runlog.write({"step": self.step, "event": "interrupted", "signal": signal.Signals(stop_signal).name})
         except NonFiniteLossError as e:
             if runlog is not None:
                 runlog.write({"step": self.step + 1, "event": "error", "error": str(e)})
@@ -523,15 +528,15 @@ class Trainer:
             stopped=stopped,
             checkpoint=last_ckpt if env.is_main else None,
             log_path=(self.out_dir / LOG_FILE) if env.is_main else None,
-            signal=(stop.signum or signal.SIGTERM) if stopped == "interrupted" else None,
+            signal=stop_signal if stopped == "interrupted" else None,
         )
 
     # -- one optimizer step --
 
     def _train_step(self, net: nn.Module, stream: _DataStream, time_up: bool,
-                    interrupted: bool = False) -> tuple[float, float, float, bool, bool]:
+                    signum: int | None = None) -> tuple[float, float, float, bool, int | None]:
         """Accumulate `grad_accum` micro-batches, check for NaN, clip, step; returns (loss, grad norm, lr, time_up,
-        interrupted), the flags true when true on any rank."""
+        stop signal), time_up when on any rank, the stop signal SIGINT if any rank got it, else SIGTERM if any did."""
         cfg = self.cfg
         k = cfg.grad_accum
         ddp = self.env.enabled
@@ -546,12 +551,12 @@ class Trainer:
                 loss = loss.float().reshape(())
                 (loss / k).backward()
             loss_sum += loss.detach()
-        stats = torch.stack([loss_sum / k, torch.tensor(float(time_up), device=self.device),
-                             torch.tensor(float(interrupted), device=self.device)])
+        flags = [float(time_up), float(signum == signal.SIGINT), float(signum == signal.SIGTERM)]
+        stats = torch.cat([(loss_sum / k).reshape(1), torch.tensor(flags, device=self.device)])
         all_reduce_sum(stats)  # every rank sees the same mean loss, so all stop together on NaN
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        loss_v, flag, stop_flag, gnorm_v = torch.cat([stats, gnorm.reshape(1).to(stats)]).tolist()
+        loss_v, flag, sigint, sigterm, gnorm_v = torch.cat([stats, gnorm.reshape(1).to(stats)]).tolist()
         loss_v /= self.env.world_size
         if not math.isfinite(loss_v):
             raise NonFiniteLossError(
@@ -566,7 +571,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update_parameters(self.model)
-        return loss_v, gnorm_v, lr, flag > 0, stop_flag > 0
+        stop = signal.SIGINT if sigint > 0 else signal.SIGTERM if sigterm > 0 else None
+        return loss_v, gnorm_v, lr, flag > 0, (int(stop) if stop is not None else None)
 
     # -- evaluation --
 

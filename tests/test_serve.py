@@ -4,6 +4,7 @@ plus the pieces of the one generate path it stands on (per-sample noise, joined 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import signal
@@ -161,7 +162,7 @@ def test_figures_are_rendered_on_request_and_equal_the_inline_ones(server) -> No
     r = httpx.get(server.url + lazy["figure_url"], timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.content == base64.b64decode(files_of(inline)["png"]["base64"])
-    assert httpx.get(server.url + lazy["figure_url"], timeout=60).content == r.content  # kept, not re-rendered
+    assert httpx.get(server.url + lazy["figure_url"], timeout=60).content == r.content
     mol = post(server, "molecules", {"num": 1, "steps": 3, "seed": 0, "conditions": {"n": 9}, "metrics": False}).json()
     png = httpx.get(server.url + mol["samples"][0]["figure_url"], timeout=60)
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
@@ -170,18 +171,51 @@ def test_figures_are_rendered_on_request_and_equal_the_inline_ones(server) -> No
     assert httpx.get(server.url + lazy["figure_url"].replace("/audio/", "/molecules/"), timeout=10).status_code == 404
 
 
-def test_figure_store_forgets_the_oldest_beyond_its_capacity(models) -> None:
+def test_figure_store_renders_once_and_forgets_the_least_recently_used(models) -> None:
     from multidiff.serve import Figures
 
     m = models["audio"]
     store = Figures(capacity=2)
     reqs = pipeline.layout(m, 3, {"label": "1"}, seed=0)
-    for k, r in enumerate(reqs):
-        store.add("audio", f"s{k}", m, r, torch.zeros_like(r.like))
-    assert store.png("audio", "s0") is None
-    assert store.png("audio", "s2")[:4] == b"\x89PNG" and store.png("audio", "s1")[:4] == b"\x89PNG"
-    store.add("audio", "s3", m, reqs[0], torch.zeros_like(reqs[0].like))  # s1 was used last: s2 goes
-    assert store.png("audio", "s2") is None and store.png("audio", "s1") is not None
+    decoded = [pipeline.decode(m, [r], [torch.zeros_like(r.like)]) for r in reqs]
+    for k, d in enumerate(decoded):
+        store.add("audio", f"s{k}", m, d)
+    assert store.png("audio", "s0") is None and store.renders == 0  # forgotten: nothing rendered
+    threads = [threading.Thread(target=store.png, args=("audio", "s2")) for _ in range(4)]  # concurrent GETs
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert store.renders == 1 and store.png("audio", "s2")[:4] == b"\x89PNG" and store.renders == 1
+    assert store.png("audio", "s1")[:4] == b"\x89PNG" and store.renders == 2
+    store.add("audio", "s2", m, decoded[2])  # the same sample again keeps its rendered picture
+    assert store.png("audio", "s2") is not None and store.renders == 2
+    store.add("audio", "s3", m, decoded[0])  # s1 was used least recently: it goes
+    assert store.png("audio", "s1") is None and store.png("audio", "s2") is not None
+
+
+def test_write_without_figures_also_serves_domains_of_the_older_contract(models, tmp_path) -> None:
+    """A plugin domain whose ``write(samples, out_dir)`` predates ``figures``: still served, its PNG left out."""
+    m = models["audio"]
+    original = type(m.domain).write
+
+    class OldDomain(type(m.domain)):
+        def write(self, samples, out_dir):  # noqa: ANN001, ANN201 - the older signature on purpose
+            return original(self, samples, out_dir)
+
+    old = dataclasses.replace(m, domain=OldDomain())
+    samples = pipeline.decode(m, pipeline.layout(m, 1, {"label": "2"}, seed=0), [torch.zeros(1, 1, 16000)])
+    files, _ = pipeline.write_samples(old, samples, tmp_path / "a", evaluate=False, figures=False)
+    assert [f.suffix for f in files] == [".wav", ".json"]
+    files, _ = pipeline.write_samples(old, samples, tmp_path / "b", evaluate=False)
+    assert ".png" in [f.suffix for f in files]
+
+
+def test_figures_capacity_must_cover_a_request() -> None:
+    from multidiff.serve import ServeConfig
+
+    with pytest.raises(ValueError, match="max_figures: expected >= max_num"):
+        ServeConfig(max_num=64, max_figures=8)
 
 
 def sse_events(response: httpx.Response):

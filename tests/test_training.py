@@ -238,19 +238,20 @@ def test_stop_signals_flag_then_abort_and_restore_handlers() -> None:
 
     from multidiff.training import StopSignals
 
-    before = signal.getsignal(signal.SIGINT)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signum == signal.SIGTERM  # the first signal only asks to stop
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C aborts at once
-    assert signal.getsignal(signal.SIGINT) is before and stop.signum == signal.SIGTERM
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert stop.signum == signal.SIGTERM
 
 
-@pytest.mark.parametrize("sig,workers", [("SIGINT", 2), ("SIGTERM", 0)])
+@pytest.mark.parametrize("sig,workers", [("SIGINT", 2), ("SIGTERM", 2), ("SIGTERM", 0)])
 def test_signal_stops_training_with_a_checkpoint_and_resume_continues(tmp_path: Path, sig: str, workers: int) -> None:
     """`multidiff train` sent SIGINT (as a terminal's Ctrl-C: to the whole process group, DataLoader workers too) or
-    SIGTERM mid-run: it finishes the step, saves a checkpoint at that step (none would exist otherwise: ckpt_every is
+    SIGTERM (Slurm, kill -TERM -PGID) mid-run: it finishes the step, saves a checkpoint at that step (none would exist otherwise: ckpt_every is
     beyond the run), logs the event, exits 128 + signal; --resume goes on from there."""
     import json
     import os
