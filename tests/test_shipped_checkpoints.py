@@ -56,7 +56,7 @@ def test_shipped_alpha_predictor_beats_shuffled_labels() -> None:
 # molecules.safetensors, its default sampler (heun, 15 steps = 29 evaluations), 64 molecules, seed 0 (one thread,
 #   ~5 s CPU): shipped weights: atom stability 0.955, molecule stability 0.547, validity 0.844 (published on 1,000:
 #   0.956 / 0.548 / 0.821); the same network with random weights (torch.manual_seed(0), the recipe's initialisation):
-#   atom stability 0.075, molecule stability 0, but validity 0.73 (scattered atoms make small valid fragments), so
+#   atom stability 0.073, molecule stability 0, but validity 0.78 (scattered atoms make small valid fragments), so
 #   validity is no floor.
 # audio.safetensors judged by audio_classifier.safetensors, one clip per digit (10), dpmpp_2m 10 steps with the file's
 #   guidance 3 for t <= 0.8: conditional accuracy 0.9 under the judge shipped since issue #17 (espeak + FSDD) as under
