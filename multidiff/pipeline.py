@@ -465,8 +465,12 @@ def generate_batch(
 
 def decode(model: LoadedModel, requests: Sequence[SampleRequest], xs: Sequence[Tensor]) -> Any:
     """Decode each request's rows with its own request and merge them into one set of samples."""
-    parts = [model.domain.decode(x, r) for x, r in zip(xs, requests)]
-    return parts[0] if len(parts) == 1 else model.domain.merge(parts)
+    return merge(model, [model.domain.decode(x, r) for x, r in zip(xs, requests)])
+
+
+def merge(model: LoadedModel, parts: Sequence[Any]) -> Any:
+    """Decoded parts (each from ``decode``) joined into one set of samples, in order."""
+    return parts[0] if len(parts) == 1 else model.domain.merge(list(parts))
 
 
 def _takes_figures(domain: Any) -> bool:

@@ -116,7 +116,7 @@ class Job:
     alone: bool = False  # never share a sampler call with another job (exact mode, sampler 'adaptive')
     enqueued: float = field(default_factory=time.monotonic)
     next: int = 0  # first sample not yet given to a sampler call
-    results: dict[int, torch.Tensor] = field(default_factory=dict)
+    results: dict[int, Any] = field(default_factory=dict)  # decoded samples by index
     cancelled: bool = False
     finished: bool = False
 
@@ -367,8 +367,8 @@ class Batcher:
                 files, _ = pipeline.write_samples(model, samples, Path(tmp), evaluate=False,
                                                   figures=job.figures == "inline")
                 payload = [_file_payload(f) for f in files]
-            digest = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-            job.results[index] = x
+            digest = hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()
+            job.results[index] = samples
             event = {"index": index, "seed": job.seeds[index], "digest": digest, "files": payload}
             if job.figures == "url":
                 key = f"{digest[:32]}-{job.seeds[index]}"
@@ -381,8 +381,7 @@ class Batcher:
             metrics: dict[str, Any] = {}
             if job.metrics:
                 with tempfile.TemporaryDirectory(prefix="multidiff-job-") as tmp:
-                    order = range(job.num)
-                    samples = pipeline.decode(model, [job.requests[i] for i in order], [job.results[i] for i in order])
+                    samples = pipeline.merge(model, [job.results[i] for i in range(job.num)])  # decoded once, above
                     _, metrics = pipeline.write_samples(model, samples, Path(tmp), evaluate=True, figures=False)
                 job.emit("metrics", _jsonable(metrics))
             self.metrics.latency.labels(job.domain).observe(time.monotonic() - job.enqueued)
