@@ -81,6 +81,7 @@ class TrainConfig:
     eval_every: int = 0
     seed: int = 0
     num_workers: int = 0
+    init: str | None = None  # warm start: a checkpoint (run dir or .safetensors) whose (EMA) weights seed a new run
 
     def __post_init__(self) -> None:
         """Reject values no run could use."""
@@ -435,12 +436,15 @@ class Trainer:
                 f"number of processes ({env.world_size})"
             )
         chosen = resume_io.choose_checkpoint(self.out_dir, resume, env, lock)
+        init_step: int | None = None
         start_step, elapsed_before, position = 0, 0.0, {"epoch": 0, "index": 0}
         if chosen is not None:
             point = self._load(chosen)
             start_step, elapsed_before, position = point.step, point.elapsed_s, point.data
         else:
             seed_everything(cfg.seed + env.rank)
+            if cfg.init:
+                init_step = self._warm_start(cfg.init)
         self.step = start_step
 
         net: nn.Module = self.model
@@ -460,7 +464,8 @@ class Trainer:
             runlog = _RunLog(self.out_dir, start_step)
             runlog.write({"step": start_step, "event": "resume" if chosen else "start", "world_size": env.world_size,
                           **({"data_version": self.data_version} if self.data_version is not None else {}),
-                          **({"checkpoint": str(chosen)} if chosen else {})})
+                          **({"checkpoint": str(chosen)} if chosen else {}),
+                          **({"init": str(cfg.init), "init_step": init_step} if chosen is None and cfg.init else {})})
         show = self.progress and env.is_main and sys.stderr.isatty()
         bar = progress_bar("train", cfg.steps, enabled=show, completed=start_step,
                            extra=("loss {task.fields[loss]:.4g}", "{task.fields[sps]:.1f} steps/s"),
@@ -599,6 +604,26 @@ class Trainer:
         return resume_io.load_training_checkpoint(
             ckpt_dir, model=self.model, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler,
             run_config=self.run_config, env=self.env, device=self.device, seed=self.cfg.seed)
+
+    def _warm_start(self, path: str) -> int | None:
+        """Copy a finished run's EMA (else raw) weights into the model and its EMA before step 0 (fine-tuning / a
+        warm restart of the schedule with fresh optimizer state); returns the step the weights were written at."""
+        ckpt = ckpt_io.load_checkpoint_for_sampling(path)
+        mine, theirs = self.run_config.get("domain"), ckpt.config.get("domain")
+        if mine is not None and theirs is not None and mine != theirs:
+            raise ValueError(f"train.init={path}: a checkpoint of domain {theirs!r}, this run trains {mine!r}")
+        weights = ckpt.weights(prefer_ema=True)
+        try:
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"train.init={path}: its weights do not fit the model this config builds ({e})") from None
+        if missing or unexpected:
+            raise ValueError(
+                f"train.init={path}: its weights do not fit the model this config builds (missing "
+                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); give the init checkpoint's "
+                f"model settings (e.g. --config RUN/config.yaml)")
+        self.ema.module.load_state_dict(self.model.state_dict())
+        return ckpt.step
 
     def _save(self, stream: _DataStream, elapsed_s: float) -> Path | None:
         """Write a checkpoint of the current step (rank 0 writes; every rank contributes its RNG state)."""

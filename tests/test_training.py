@@ -171,6 +171,30 @@ def test_time_budget_stops_early_with_a_checkpoint(tmp_path: Path) -> None:
     assert again.stopped == "time" and again.step == result.step  # budget counts across resumes
 
 
+def test_warm_start_copies_ema_weights_and_is_ignored_on_resume(tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=8, batch_size=16, lr=1e-2, warmup_steps=0, ema_decay=0.5, ckpt_every=0)
+    first = Trainer(mlp(), mse, dataset(), cfg, tmp_path / "a", progress=False)
+    first.fit()
+    ema = {k: v.clone() for k, v in first.ema_model.state_dict().items()}
+    exported = ck.export_weights(tmp_path / "a", tmp_path / "a.safetensors")
+    assert not torch.equal(ema["0.weight"], first.model.state_dict()["0.weight"])  # EMA differs from raw
+    # lr 0 after warm start: the model must stay exactly the EMA weights of the first run (not the raw ones)
+    warm = TrainConfig(steps=2, batch_size=16, lr=1e-12, warmup_steps=0, ckpt_every=0, init=str(exported))
+    second = Trainer(mlp(), mse, dataset(), warm, tmp_path / "b", progress=False)
+    second.fit()
+    for k, v in ema.items():
+        assert torch.allclose(second.model.state_dict()[k], v, atol=1e-9), k
+    start = records(tmp_path / "b")[0]
+    assert start["init"] == str(exported) and start["init_step"] == 8
+    # a wrong architecture is refused with the file named; on resume the init file is not read again
+    wide = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 1))
+    with pytest.raises(ValueError, match=r"train.init=.*a.safetensors: its weights do not fit"):
+        Trainer(wide, mse, dataset(), warm, tmp_path / "c", progress=False).fit()
+    exported.unlink()
+    more = TrainConfig(steps=4, batch_size=16, lr=1e-12, warmup_steps=0, ckpt_every=0, init=str(exported))
+    assert Trainer(mlp(), mse, dataset(), more, tmp_path / "b", progress=False).fit(resume=True).step == 4
+
+
 def test_eval_hook_gets_ema_and_leaves_training_rng_alone(tmp_path: Path) -> None:
     def noisy(m: nn.Module, batch: Any) -> torch.Tensor:
         x = batch[0] + 0.1 * torch.randn_like(batch[0]) + 0.01 * random.random() + 0.01 * float(np.random.rand())
