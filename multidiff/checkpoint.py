@@ -507,10 +507,34 @@ def load_checkpoint_for_sampling(path: Path | str) -> LoadedCheckpoint:
     return LoadedCheckpoint(weights, model_state, ema_state, config, meta)
 
 
+STORAGE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _cast_for_storage(weights: Mapping[str, Tensor], dtype: torch.dtype, where: Path) -> dict[str, Tensor]:
+    """Floating-point fp32 tensors cast to the storage dtype (loading casts back: ``load_state_dict`` copies into the
+    fp32 parameters); a value outside the dtype's finite range is refused, naming the tensor."""
+    if dtype == torch.float32:
+        return dict(weights)
+    limit = torch.finfo(dtype).max
+    out: dict[str, Tensor] = {}
+    for name, t in weights.items():
+        if t.dtype == torch.float32:
+            peak = float(t.abs().max()) if t.numel() else 0.0
+            if peak > limit:
+                raise ValueError(f"{where}: cannot store {name} as {dtype}: |value| {peak:.4g} exceeds its range "
+                                 f"({limit:.4g}); export it as fp32")
+            t = t.to(dtype)
+        out[name] = t
+    return out
+
+
 def export_weights(src: Path | str | LoadedCheckpoint, out: Path | str, config: Mapping[str, Any] | None = None,
-                   prefer_ema: bool = True) -> Path:
+                   prefer_ema: bool = True, dtype: str = "fp32") -> Path:
     """One self-contained inference file from a run / checkpoint (or one already loaded): the EMA (else raw) weights
-    as ``model.*`` plus the run config (``config`` replaces it, e.g. with changed sample defaults) and the step."""
+    as ``model.*`` plus the run config (``config`` replaces it, e.g. with changed sample defaults) and the step;
+    ``dtype`` fp16 / bf16 stores the fp32 tensors at half the size (IEEE half keeps 11 significant bits, bf16 8)."""
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"export dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     ckpt = src if isinstance(src, LoadedCheckpoint) else load_checkpoint_for_sampling(src)
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -518,9 +542,12 @@ def export_weights(src: Path | str | LoadedCheckpoint, out: Path | str, config: 
     out.parent.mkdir(parents=True, exist_ok=True)
     used_ema = prefer_ema and ckpt.ema_state is not None
     meta = {"step": ckpt.step, "exported_from": str(ckpt.path), "weights": "ema" if used_ema else "model"}
+    if dtype != "fp32":
+        meta["storage_dtype"] = dtype
     config = dict(config) if config is not None else ckpt.config
+    weights = _cast_for_storage(ckpt.weights(prefer_ema), STORAGE_DTYPES[dtype], out)
     try:
-        save_weights(out, ckpt.weights(prefer_ema), None, config, meta, content_hash=True)
+        save_weights(out, weights, None, config, meta, content_hash=True)
     except OSError as e:
         if e.errno in _OUT_OF_SPACE:
             raise CheckpointError(f"no space left on the device while writing {out}; nothing was written") from None

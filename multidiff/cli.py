@@ -433,6 +433,7 @@ def export(
     out: Annotated[Path, typer.Argument(help="The .safetensors file to write.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="data.* / sample.* changes to the embedded config, e.g. sample.guidance=3.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Export the raw weights instead of the EMA weights.")] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="Storage precision of the weights: fp32, fp16 (half the size; loading casts back to fp32) or bf16.")] = "fp32",
 ) -> None:
     """Write one self-contained inference file (EMA weights + run config) for sharing or shipping.
 
@@ -446,7 +447,7 @@ def export(
         run = load_run(checkpoint)
         ckpt = run.checkpoint
         cfg = _override_loaded(run.cfg, overrides, f"{ckpt.path} (embedded config)")
-        path = export_weights(ckpt, out, config_to_dict(cfg), prefer_ema=not raw)
+        path = export_weights(ckpt, out, config_to_dict(cfg), prefer_ema=not raw, dtype=dtype)
     except _user_errors() as e:
         _fail(str(e))
         return

@@ -73,6 +73,33 @@ def test_load_model_from_a_run_and_from_its_export_agree(toy_run: Path, model: p
     assert any(not torch.equal(ours[k], raw.denoiser.state_dict()[k]) for k in ours)
 
 
+@pytest.mark.parametrize("dtype,bits", [("fp16", 11), ("bf16", 8)])
+def test_half_precision_export_halves_the_file_and_rounds_each_weight_once(
+        toy_run: Path, model: pipeline.LoadedModel, tmp_path: Path, dtype: str, bits: int) -> None:
+    full = export_weights(toy_run, tmp_path / "full.safetensors")
+    half = export_weights(toy_run, tmp_path / f"{dtype}.safetensors", dtype=dtype)
+    tensor_bytes = sum(v.numel() * 4 for v in model.denoiser.state_dict().values())
+    assert full.stat().st_size - half.stat().st_size == pytest.approx(tensor_bytes / 2, rel=0.02)
+    loaded = pipeline.load_model(half)
+    ours, theirs = model.denoiser.state_dict(), loaded.denoiser.state_dict()
+    tiny = torch.finfo(torch.float16 if dtype == "fp16" else torch.bfloat16).smallest_normal * 2.0 ** -bits
+    for k in ours:  # loaded back as fp32, each within half an ulp (round to nearest: rel. error <= 2^-p for normal
+        assert theirs[k].dtype == torch.float32  # numbers, an absolute half-spacing below the smallest normal)
+        err = (theirs[k] - ours[k]).abs()
+        assert bool((err <= torch.clamp(ours[k].abs() * 2.0 ** -bits, min=tiny)).all()), k
+    assert any(not torch.equal(ours[k], theirs[k]) for k in ours)  # it really was rounded
+    s = settings(model)
+    a = pipeline.generate_samples(model, 64, {"label": "2"}, s, seed=5)["x"]
+    b = pipeline.generate_samples(loaded, 64, {"label": "2"}, s, seed=5)["x"]
+    assert (a - b).abs().max() < 0.05 * a.abs().max()  # same samples up to the rounding
+    big = tmp_path / "big"
+    with pytest.raises(ValueError, match=r"cannot store .* as torch.float16.*export it as fp32"):
+        from multidiff.checkpoint import _cast_for_storage
+        _cast_for_storage({"w": torch.tensor([1e6])}, torch.float16, big)
+    with pytest.raises(ValueError, match="export dtype must be one of"):
+        export_weights(toy_run, tmp_path / "x.safetensors", dtype="int8")
+
+
 def test_load_model_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="nowhere"):
         pipeline.load_model(tmp_path / "nowhere")
