@@ -36,11 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, max_batch: int, wait_from: str) -> tuple[subprocess.Popen, str]:
     """``multidiff serve`` on a free loopback port; returns (process, base url) once /healthz answers."""
     port = free_port()
     cmd = [sys.executable, "-m", "multidiff.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-           "--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "4096",
+           "--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms), "--wait-from", wait_from, "--max-queue", "4096",
            "--log-level", "warning"]
     if args.checkpoint:
         cmd += ["--checkpoint", f"{args.domain}={args.checkpoint}"]
@@ -120,16 +120,18 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
     parser.add_argument("--figures", choices=("url", "inline", "none"), default="url",
                         help="the requests' figures: url (rendered only when fetched; this bench fetches none), inline PNG, none")
+    parser.add_argument("--wait-from", nargs="+", choices=("idle", "arrival"), default=["idle"],
+                        help="batched settings to compare: what --max-wait-ms counts from (serve --wait-from)")
     args = parser.parse_args()
-    for max_batch in (args.max_batch, 1):
-        proc, url = start_server(args, max_batch)
+    for max_batch, wait_from in [(args.max_batch, w) for w in args.wait_from] + [(1, "idle")]:
+        proc, url = start_server(args, max_batch, wait_from)
         try:
             httpx.post(f"{url}/v1/{args.domain}/samples", json={"num": 1, "steps": args.steps, "metrics": False}, timeout=600)
             for clients in args.clients:
                 calls, batched = metric(url, "multidiff_batch_samples_count"), metric(url, "multidiff_batch_samples_sum")
                 wall, lat, samples = load(url, args, clients)
                 setting = (f"{args.domain} steps={args.steps} clients={clients} max_batch={max_batch} "
-                           f"max_wait_ms={args.max_wait_ms:g} figures={args.figures}")
+                           f"max_wait_ms={args.max_wait_ms:g} wait_from={wait_from} figures={args.figures}")
                 emit("serve_throughput", setting, samples / wall, "samples/s", digits=4)
                 emit("serve_latency_p50", setting, percentile(lat, 50), "s", digits=4)
                 emit("serve_latency_p99", setting, percentile(lat, 99), "s", digits=4)

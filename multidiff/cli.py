@@ -500,7 +500,8 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_batch: Annotated[int, typer.Option(help="Most samples in one sampler call (1 = no batching).")] = 16,
-    max_wait_ms: Annotated[float, typer.Option(help="How long the oldest waiting sample waits for batch-mates.")] = 20.0,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a sampler call waits for batch-mates, counted from the oldest sample's arrival or the worker becoming free, whichever is later (--wait-from).")] = 20.0,
+    wait_from: Annotated[str, typer.Option(help="idle (default) or arrival: what --max-wait-ms counts from.")] = "idle",
     max_queue: Annotated[int, typer.Option(help="Most samples waiting; more answers 429 with Retry-After.")] = 256,
     max_num: Annotated[int, typer.Option(help="Most samples per request.")] = 64,
     max_upload_mb: Annotated[float, typer.Option(help="Largest inpainting upload.")] = 5.0,
@@ -532,7 +533,7 @@ def serve(
             ckpts = {d: shipped_checkpoint(d) for d in ("audio", "molecules") if shipped_checkpoint(d).is_file()}
             if not ckpts:
                 raise FileNotFoundError("no shipped checkpoints found; pass --checkpoint DOMAIN=PATH")
-        config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_num=max_num,
+        config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, wait_from=wait_from, max_queue=max_queue, max_num=max_num,
                              max_upload_bytes=int(max_upload_mb * 2**20), max_figures=max_figures, exact=exact)
         run(ckpts, host=host, port=port, device=_resolve_device(device), config=config, log_level=log_level,
             precision=precision)

@@ -11,7 +11,9 @@
   ``metrics`` and ``done`` (or ``error``).
 - Micro-batching: one worker thread runs the sampler. Queued samples whose domain and sampler settings agree are
   joined into one sampler call (``pipeline.generate_batch``) of up to ``max_batch`` samples, waiting at most
-  ``max_wait_ms`` after the oldest one arrived. Sample i of a request is laid out and noised from seed
+  ``max_wait_ms`` after the oldest one arrived or the worker became free, whichever is later (under load, the
+  clients answered by one call resubmit within milliseconds: counting from arrival alone, the queue splits into
+  cohorts that alternate in half-full calls). Sample i of a request is laid out and noised from seed
   ``seed + i`` alone; with ``exact=True`` every call is padded to ``max_batch`` samples, so a sample is
   bit-identical alone or in a busy batch (CPU kernels otherwise round differently at other batch sizes); as
   sampler 'adaptive' picks its steps for the worst sample of a call, an adaptive request then gets calls of its own.
@@ -68,7 +70,10 @@ class ServeConfig:
     """Server limits: batching, queue bound, request size."""
 
     max_batch: int = 16  # samples per sampler call
-    max_wait_ms: float = 20.0  # how long the oldest queued sample waits for batch-mates
+    max_wait_ms: float = 20.0  # how long a sampler call waits for batch-mates (see wait_from)
+    # "idle": the wait counts from when the oldest sample arrived or the worker became free, whichever is later, so
+    # clients whose answers just went out can rejoin the next call; "arrival": from the oldest sample's arrival only
+    wait_from: str = "idle"
     max_queue: int = 256  # samples waiting (not yet in a sampler call); more -> 429
     max_num: int = 64  # samples per request
     max_steps: int = 1000
@@ -82,6 +87,8 @@ class ServeConfig:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms: expected >= 0, got {self.max_wait_ms}")
+        if self.wait_from not in ("idle", "arrival"):
+            raise ValueError(f"wait_from: expected 'idle' or 'arrival', got {self.wait_from!r}")
         if self.max_figures < self.max_num:
             raise ValueError(f"max_figures: expected >= max_num ({self.max_num}) so that a request's pictures outlive "
                              f"it, got {self.max_figures}")
@@ -228,6 +235,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._sample_seconds = 0.5  # running estimate of sampler seconds per sample, for Retry-After
+        self._free_since = time.monotonic()  # when the worker last finished a sampler call
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multidiff-writer")
         self._thread = threading.Thread(target=self._run, name="multidiff-batcher", daemon=True)
         self._thread.start()
@@ -289,7 +297,8 @@ class Batcher:
                 if not self._pending:
                     return None
                 head = self._pending[0]
-                key, deadline = head.key, head.enqueued + cfg.max_wait_ms / 1000.0
+                start = max(head.enqueued, self._free_since) if cfg.wait_from == "idle" else head.enqueued
+                key, deadline = head.key, start + cfg.max_wait_ms / 1000.0
                 while (self._pending and self._pending[0] is head and self._available(key) < cfg.max_batch
                        and not self._stopping):
                     left = deadline - time.monotonic()
@@ -323,6 +332,7 @@ class Batcher:
             except Exception as err:  # noqa: BLE001 - one bad batch must not stop the server
                 for job in {j for j, _ in taken}:
                     self._fail(job, err)
+            self._free_since = time.monotonic()
 
     def _sample(self, taken: list[tuple[Job, int]]) -> None:
         """One sampler call for ``taken``; finished samples go to the writer thread."""

@@ -95,6 +95,46 @@ def test_join_requests_offsets_graphs_and_keeps_conditions(models) -> None:
     assert joined.cond["label"].tolist() == [4, 4, 7]
 
 
+@pytest.mark.parametrize("wait_from,expected", [("idle", [1, 2]), ("arrival", [1, 1, 1])])
+def test_batch_window_counts_from_when_the_worker_is_free(wait_from: str, expected: list[int]) -> None:
+    """B arrives while A runs and has waited out max_wait when A ends; C arrives 30 ms after A ends (a client that was
+    just answered). Counting from arrival, B starts alone (the alternating half-full cohorts of a loaded server);
+    counting from the moment the worker is free, B waits for C."""
+    from types import SimpleNamespace
+
+    from multidiff.serve import Batcher, Job, Metrics, ServeConfig
+
+    calls: list[int] = []
+    first_done = threading.Event()
+
+    class Recording(Batcher):
+        def _sample(self, taken):  # the real sampler call is not what is tested here
+            calls.append(len(taken))
+            time.sleep(0.6)
+            for job in {j for j, _ in taken}:
+                job.finished = True
+            first_done.set()
+
+    def job() -> Job:
+        req = SimpleNamespace(cond=None, known=None, kwargs={})
+        return Job("toy", None, ("euler", 2), [req], [0], loop=None)
+
+    batcher = Recording(ServeConfig(max_batch=4, max_wait_ms=300, wait_from=wait_from), Metrics())
+    try:
+        batcher.submit(job())  # A: waits its 300 ms, then runs 600 ms
+        time.sleep(0.35)
+        batcher.submit(job())  # B: during A; its 300 ms are over when A ends
+        assert first_done.wait(5)
+        time.sleep(0.03)
+        batcher.submit(job())  # C
+        deadline = time.monotonic() + 5
+        while sum(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        batcher.stop(5)
+    assert calls == expected
+
+
 # --- a real server ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server():
