@@ -511,14 +511,12 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.f
 
 
 def _cast_for_storage(weights: Mapping[str, Tensor], dtype: torch.dtype, where: Path) -> dict[str, Tensor]:
-    """Floating-point fp32 tensors cast to the storage dtype (loading casts back: ``load_state_dict`` copies into the
-    fp32 parameters); a value outside the dtype's finite range is refused, naming the tensor."""
-    if dtype == torch.float32:
-        return dict(weights)
+    """Floating-point tensors cast to the storage dtype (loading casts back: ``load_state_dict`` copies into the
+    fp32 parameters); integer buffers stay; a value outside the dtype's finite range is refused, naming the tensor."""
     limit = torch.finfo(dtype).max
     out: dict[str, Tensor] = {}
     for name, t in weights.items():
-        if t.dtype == torch.float32:
+        if t.is_floating_point() and t.dtype != dtype:
             peak = float(t.abs().max()) if t.numel() else 0.0
             if peak > limit:
                 raise ValueError(f"{where}: cannot store {name} as {dtype}: |value| {peak:.4g} exceeds its range "
@@ -534,7 +532,7 @@ def export_weights(src: Path | str | LoadedCheckpoint, out: Path | str, config: 
     as ``model.*`` plus the run config (``config`` replaces it, e.g. with changed sample defaults) and the step;
     ``dtype`` fp16 / bf16 stores the fp32 tensors at half the size (IEEE half keeps 11 significant bits, bf16 8)."""
     if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"export dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+        raise ValueError(f"--dtype: expected one of fp32, fp16, bf16, got {dtype!r}")
     ckpt = src if isinstance(src, LoadedCheckpoint) else load_checkpoint_for_sampling(src)
     out = Path(out)
     if out.suffix != ".safetensors":

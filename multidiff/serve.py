@@ -88,7 +88,7 @@ class ServeConfig:
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms: expected >= 0, got {self.max_wait_ms}")
         if self.wait_from not in ("idle", "arrival"):
-            raise ValueError(f"wait_from: expected 'idle' or 'arrival', got {self.wait_from!r}")
+            raise ValueError(f"wait_from (--wait-from): expected 'idle' or 'arrival', got {self.wait_from!r}")
         if self.max_figures < self.max_num:
             raise ValueError(f"max_figures: expected >= max_num ({self.max_num}) so that a request's pictures outlive "
                              f"it, got {self.max_figures}")
@@ -299,6 +299,8 @@ class Batcher:
                 head = self._pending[0]
                 start = max(head.enqueued, self._free_since) if cfg.wait_from == "idle" else head.enqueued
                 key, deadline = head.key, start + cfg.max_wait_ms / 1000.0
+                if head.alone:  # no batch-mates possible: no wait
+                    deadline = 0.0
                 while (self._pending and self._pending[0] is head and self._available(key) < cfg.max_batch
                        and not self._stopping):
                     left = deadline - time.monotonic()

@@ -41,6 +41,7 @@ from multidiff.config import config_to_dict, config_to_yaml
 from multidiff.distributed import (
     DistEnv,
     all_reduce_sum,
+    broadcast_object,
     destroy_distributed,
     dist_env,
     init_distributed,
@@ -607,23 +608,44 @@ class Trainer:
 
     def _warm_start(self, path: str) -> int | None:
         """Copy a finished run's EMA (else raw) weights into the model and its EMA before step 0 (fine-tuning / a
-        warm restart of the schedule with fresh optimizer state); returns the step the weights were written at."""
-        ckpt = ckpt_io.load_checkpoint_for_sampling(path)
+        warm restart of the schedule with fresh optimizer state); returns the step the weights were written at.
+        Rank 0 resolves and checks the file and shares the result (or the error), so every rank loads the same
+        checkpoint and all raise together."""
+        decision: tuple[Path, int | None] | Exception | None = None
+        if self.env.is_main:
+            try:
+                decision = self._check_init(path)
+            except Exception as e:  # noqa: BLE001 - shared with the other ranks, raised below
+                decision = e
+        decision = broadcast_object(decision)
+        if isinstance(decision, Exception):
+            raise decision
+        target, step = decision
+        weights = ckpt_io.load_checkpoint_for_sampling(target).weights(prefer_ema=True)
+        self.model.load_state_dict(weights)
+        self.ema.module.load_state_dict(self.model.state_dict())
+        return step
+
+    def _check_init(self, path: str) -> tuple[Path, int | None]:
+        """The checkpoint file that ``train.init`` names and its step; errors name ``train.init`` and what differs."""
+        try:
+            target = ckpt_io.resolve_checkpoint(path)
+            ckpt = ckpt_io.load_checkpoint_for_sampling(target)
+        except ckpt_io.CheckpointError as e:
+            raise ValueError(f"train.init={path}: {e}") from None
         mine, theirs = self.run_config.get("domain"), ckpt.config.get("domain")
         if mine is not None and theirs is not None and mine != theirs:
             raise ValueError(f"train.init={path}: a checkpoint of domain {theirs!r}, this run trains {mine!r}")
-        weights = ckpt.weights(prefer_ema=True)
-        try:
-            missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        except RuntimeError as e:  # shape mismatches
-            raise ValueError(f"train.init={path}: its weights do not fit the model this config builds ({e})") from None
-        if missing or unexpected:
+        weights, own = ckpt.weights(prefer_ema=True), self.model.state_dict()
+        missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+        shapes = [f"{k}: file {list(v.shape)}, model {list(own[k].shape)}" for k, v in weights.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
             raise ValueError(
-                f"train.init={path}: its weights do not fit the model this config builds (missing "
-                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); give the init checkpoint's "
-                f"model settings (e.g. --config RUN/config.yaml)")
-        self.ema.module.load_state_dict(self.model.state_dict())
-        return ckpt.step
+                f"train.init={path}: its weights do not fit the model this config builds (missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, shapes {shapes[:3]}); give the init checkpoint's model settings "
+                f"(e.g. --config RUN/config.yaml)")
+        return target, ckpt.step
 
     def _save(self, stream: _DataStream, elapsed_s: float) -> Path | None:
         """Write a checkpoint of the current step (rank 0 writes; every rank contributes its RNG state)."""

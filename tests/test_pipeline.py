@@ -96,7 +96,7 @@ def test_half_precision_export_halves_the_file_and_rounds_each_weight_once(
     with pytest.raises(ValueError, match=r"cannot store .* as torch.float16.*export it as fp32"):
         from multidiff.checkpoint import _cast_for_storage
         _cast_for_storage({"w": torch.tensor([1e6])}, torch.float16, big)
-    with pytest.raises(ValueError, match="export dtype must be one of"):
+    with pytest.raises(ValueError, match="--dtype: expected one of fp32, fp16, bf16"):
         export_weights(toy_run, tmp_path / "x.safetensors", dtype="int8")
 
 

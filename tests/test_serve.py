@@ -95,44 +95,45 @@ def test_join_requests_offsets_graphs_and_keeps_conditions(models) -> None:
     assert joined.cond["label"].tolist() == [4, 4, 7]
 
 
-@pytest.mark.parametrize("wait_from,expected", [("idle", [1, 2]), ("arrival", [1, 1, 1])])
-def test_batch_window_counts_from_when_the_worker_is_free(wait_from: str, expected: list[int]) -> None:
-    """B arrives while A runs and has waited out max_wait when A ends; C arrives 30 ms after A ends (a client that was
-    just answered). Counting from arrival, B starts alone (the alternating half-full cohorts of a loaded server);
-    counting from the moment the worker is free, B waits for C."""
+@pytest.mark.parametrize("wait_from", ["idle", "arrival"])
+def test_batch_window_counts_from_when_the_worker_is_free(wait_from: str) -> None:
+    """B has waited longer than max_wait when the worker becomes free; C arrives 0.1 s later (a client that was just
+    answered). Counting from arrival, B starts at once, alone (the alternating half-full cohorts of a loaded server);
+    counting from the moment the worker is free, B waits for C. A job that may not share a call never waits."""
     from types import SimpleNamespace
 
     from multidiff.serve import Batcher, Job, Metrics, ServeConfig
 
-    calls: list[int] = []
-    first_done = threading.Event()
+    class Idle(Batcher):
+        def _run(self) -> None:  # no worker: the test takes the calls itself
+            return
 
-    class Recording(Batcher):
-        def _sample(self, taken):  # the real sampler call is not what is tested here
-            calls.append(len(taken))
-            time.sleep(0.6)
-            for job in {j for j, _ in taken}:
-                job.finished = True
-            first_done.set()
+    def job(alone: bool = False) -> Job:
+        return Job("toy", None, ("euler", 2), [SimpleNamespace(cond=None, known=None, kwargs={})], [0], loop=None,
+                   alone=alone)
 
-    def job() -> Job:
-        req = SimpleNamespace(cond=None, known=None, kwargs={})
-        return Job("toy", None, ("euler", 2), [req], [0], loop=None)
-
-    batcher = Recording(ServeConfig(max_batch=4, max_wait_ms=300, wait_from=wait_from), Metrics())
-    try:
-        batcher.submit(job())  # A: waits its 300 ms, then runs 600 ms
-        time.sleep(0.35)
-        batcher.submit(job())  # B: during A; its 300 ms are over when A ends
-        assert first_done.wait(5)
-        time.sleep(0.03)
-        batcher.submit(job())  # C
-        deadline = time.monotonic() + 5
-        while sum(calls) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        batcher.stop(5)
-    assert calls == expected
+    batcher = Idle(ServeConfig(max_batch=4, max_wait_ms=1500, wait_from=wait_from), Metrics())
+    b, c = job(), job()
+    b.enqueued -= 2.0  # arrived while the previous call ran
+    batcher.submit(b)
+    batcher._free_since = time.monotonic()  # that call just ended
+    timer = threading.Timer(0.1, batcher.submit, args=(c,))
+    timer.start()
+    t0 = time.monotonic()
+    taken = batcher._take()
+    waited = time.monotonic() - t0
+    timer.join()
+    if wait_from == "idle":
+        assert [j for j, _ in taken] == [b, c] and 0.1 <= waited < 1.6  # B waited the window for C (max_batch unmet)
+    else:
+        assert [j for j, _ in taken] == [b] and waited < 0.1
+        assert [j for j, _ in batcher._take()] == [c]  # C then waits out its own window alone
+    lone = job(alone=True)
+    batcher._free_since = time.monotonic()
+    batcher.submit(lone)
+    t0 = time.monotonic()
+    assert [j for j, _ in batcher._take()] == [lone] and time.monotonic() - t0 < 0.5
+    batcher.stop(5)
 
 
 # --- a real server ----------------------------------------------------------------------------------------------

@@ -188,8 +188,13 @@ def test_warm_start_copies_ema_weights_and_is_ignored_on_resume(tmp_path: Path) 
     assert start["init"] == str(exported) and start["init_step"] == 8
     # a wrong architecture is refused with the file named; on resume the init file is not read again
     wide = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 1))
-    with pytest.raises(ValueError, match=r"train.init=.*a.safetensors: its weights do not fit"):
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    with pytest.raises(ValueError, match=r"train.init=.*a.safetensors: its weights do not fit.*0.weight: file \[16, 3\]"):
         Trainer(wide, mse, dataset(), warm, tmp_path / "c", progress=False).fit()
+    assert all(torch.equal(before[k], v) for k, v in wide.state_dict().items())  # not half-loaded: 2.bias fits
+    gone = TrainConfig(steps=2, batch_size=16, ckpt_every=0, init=str(tmp_path / "nowhere.safetensors"))
+    with pytest.raises(ValueError, match=r"train.init=.*nowhere.safetensors: checkpoint not found"):
+        Trainer(mlp(), mse, dataset(), gone, tmp_path / "d", progress=False).fit()
     exported.unlink()
     more = TrainConfig(steps=4, batch_size=16, lr=1e-12, warmup_steps=0, ckpt_every=0, init=str(exported))
     assert Trainer(mlp(), mse, dataset(), more, tmp_path / "b", progress=False).fit(resume=True).step == 4
