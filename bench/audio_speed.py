@@ -1,6 +1,6 @@
 """Audio-domain speed on this CPU: sampling real-time factor per sampler and step count, and training clips/s.
 
-The model is an *untrained* denoiser built from a recipe (``--recipe``, default ``fast``: 1 s clips at 16 kHz);
+The model is an *untrained* denoiser built from a recipe (``--recipe``, default ``waveform``: 1 s clips at 16 kHz);
 speed does not depend on the weights. Built through the same calls as ``multidiff sample`` / ``multidiff train``:
 ``registry.get_domain("audio")``, ``pipeline.load_run_config``, ``pipeline.build_denoiser``, then
 ``domain.request(cfg, batch, {"label": "7"})`` + ``pipeline.generate`` (karras grid; classifier-free guidance off
@@ -21,7 +21,7 @@ One warm-up ``generate`` (2 steps) precedes the timed calls. The default grid (4
 batch 16) is long on 2 cores (tens of minutes); a quick look:
 
     python bench/audio_speed.py --samplers dpmpp_2m,heun --steps 10,25 --batch 4 --both-malloc
-    python bench/audio_speed.py [--recipe fast] [--threads 2] [--batch 16] [--repeats 1] [--train-steps 10]
+    python bench/audio_speed.py [--recipe waveform] [--threads 2] [--batch 16] [--repeats 1] [--train-steps 10]
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def child_run(argv: list[str], tunables: str | None) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default="fast", help="audio recipe name or YAML path")
+    p.add_argument("--recipe", default="waveform", help="audio recipe name or YAML path")
     p.add_argument("--samplers", type=lambda s: csv(str, s), default=list(SAMPLERS), help="comma-separated")
     p.add_argument("--steps", type=lambda s: csv(int, s), default=list(STEPS), help="comma-separated grid intervals")
     p.add_argument("--batch", type=int, default=16, help="clips per generate call")

@@ -120,10 +120,10 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
     parser.add_argument("--figures", choices=("url", "inline", "none"), default="url",
                         help="the requests' figures: url (rendered only when fetched; this bench fetches none), inline PNG, none")
-    parser.add_argument("--wait-from", nargs="+", choices=("idle", "arrival"), default=["idle"],
+    parser.add_argument("--wait-from", nargs="+", choices=("idle", "arrival"), default=["arrival"],
                         help="batched settings to compare: what --max-wait-ms counts from (serve --wait-from)")
     args = parser.parse_args()
-    for max_batch, wait_from in [(args.max_batch, w) for w in args.wait_from] + [(1, "idle")]:
+    for max_batch, wait_from in [(args.max_batch, w) for w in args.wait_from] + [(1, "arrival")]:
         proc, url = start_server(args, max_batch, wait_from)
         try:
             httpx.post(f"{url}/v1/{args.domain}/samples", json={"num": 1, "steps": args.steps, "metrics": False}, timeout=600)

@@ -11,9 +11,9 @@
   ``metrics`` and ``done`` (or ``error``).
 - Micro-batching: one worker thread runs the sampler. Queued samples whose domain and sampler settings agree are
   joined into one sampler call (``pipeline.generate_batch``) of up to ``max_batch`` samples, waiting at most
-  ``max_wait_ms`` after the oldest one arrived or the worker became free, whichever is later (under load, the
-  clients answered by one call resubmit within milliseconds: counting from arrival alone, the queue splits into
-  cohorts that alternate in half-full calls). Sample i of a request is laid out and noised from seed
+  ``max_wait_ms`` after the oldest one arrived (``wait_from="idle"``: or after the worker became free, whichever is
+  later, so that under load the clients answered by one call can rejoin the next instead of the queue splitting into
+  two alternating cohorts). Sample i of a request is laid out and noised from seed
   ``seed + i`` alone; with ``exact=True`` every call is padded to ``max_batch`` samples, so a sample is
   bit-identical alone or in a busy batch (CPU kernels otherwise round differently at other batch sizes); as
   sampler 'adaptive' picks its steps for the worst sample of a call, an adaptive request then gets calls of its own.
@@ -71,9 +71,9 @@ class ServeConfig:
 
     max_batch: int = 16  # samples per sampler call
     max_wait_ms: float = 20.0  # how long a sampler call waits for batch-mates (see wait_from)
-    # "idle": the wait counts from when the oldest sample arrived or the worker became free, whichever is later, so
-    # clients whose answers just went out can rejoin the next call; "arrival": from the oldest sample's arrival only
-    wait_from: str = "idle"
+    # "arrival": the wait counts from the oldest sample's arrival; "idle": from its arrival or the worker becoming
+    # free, whichever is later, so clients whose answers just went out can rejoin the next call (README: measured)
+    wait_from: str = "arrival"
     max_queue: int = 256  # samples waiting (not yet in a sampler call); more -> 429
     max_num: int = 64  # samples per request
     max_steps: int = 1000

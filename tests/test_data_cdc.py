@@ -120,7 +120,7 @@ def tiny_folder_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[An
     run = tmp_path / "run"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", adata.AudioDataWarning)
-        pipeline.train(dom, pipeline.load_run_config(dom, "fast", [*base, "train.steps=2"]), run, device="cpu",
+        pipeline.train(dom, pipeline.load_run_config(dom, "waveform", [*base, "train.steps=2"]), run, device="cpu",
                        progress=False)
     return dom, base, root, run
 
@@ -132,7 +132,7 @@ def test_resume_on_a_changed_data_set_records_the_new_data_version(tmp_path: Pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", adata.AudioDataWarning)
         change(root, new_label=False)  # the label set is fixed by the weights; its clips may change
-        res = pipeline.train(dom, pipeline.load_run_config(dom, "fast", [*base, "train.steps=4"]), run, resume=True,
+        res = pipeline.train(dom, pipeline.load_run_config(dom, "waveform", [*base, "train.steps=4"]), run, resume=True,
                              device="cpu", progress=False)
     assert res.step == 4
     events = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "event" in r]
@@ -150,7 +150,7 @@ def test_resume_on_a_data_set_with_a_new_label_names_the_cause(tmp_path: Path, m
         before = sorted(p.name for p in (run / "checkpoints").iterdir())
         change(root, new_label=True)  # label "d" appears: the class embedding (labels + CFG's null row) grows 4 -> 5
         with pytest.raises(ValueError, match=r"cannot resume .*label_emb.*\[4, .*now \[5, .*data\.class_names.*new run"):
-            pipeline.train(dom, pipeline.load_run_config(dom, "fast", [*base, "train.steps=4"]), run, resume=True,
+            pipeline.train(dom, pipeline.load_run_config(dom, "waveform", [*base, "train.steps=4"]), run, resume=True,
                            device="cpu", progress=False)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing written over
 

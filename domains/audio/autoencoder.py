@@ -4,7 +4,7 @@ small KL term (a VAE, Kingma & Welling 2014) that keeps the latents well scaled 
 
     multidiff train audio --config autoencoder --out runs/audio_ae            # model.kind=autoencoder
     multidiff export runs/audio_ae data/checkpoints/audio_autoencoder.safetensors
-    multidiff train audio --config latent --out runs/audio_latent             # data.latent=that file
+    multidiff train audio --config fast --out runs/audio                      # latent diffusion; data.latent=that file
 
 The encoder maps ``[B, 1, T]`` to ``[B, C, T / compression]`` (the posterior mean is the latent), the decoder maps it
 back. ``compression`` is the product of the strides; every stride must be even (the strided conv and its transposed

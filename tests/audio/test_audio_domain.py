@@ -72,7 +72,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def run(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("audio") / "run"
-    res = last_json(cli("train", "audio", "--config", "fast", "data.source=folder", f"data.root={folder}",
+    res = last_json(cli("train", "audio", "--config", "waveform", "data.source=folder", f"data.root={folder}",
                         "train.steps=4", *TINY, "--out", str(out), "--no-progress"))
     assert res["step"] == 4 and res["checkpoint"]
     return out
@@ -165,7 +165,7 @@ def test_inpainting_keeps_unmasked_audio_bit_exact(run: Path, folder: Path, tmp_
 
 def test_labels_and_spans() -> None:
     dom = AudioDomain()
-    cfg = pipeline.load_run_config(dom, "fast")
+    cfg = pipeline.load_run_config(dom, "waveform")
     assert dom.request(cfg, 2, {"label": "seven"}).cond["label"].tolist() == [7, 7]
     assert dom.request(cfg, 2, {"label": "7"}).cond["label"].tolist() == [7, 7]
     with pytest.raises(ValueError, match="valid labels"):
@@ -268,7 +268,7 @@ def odd_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for i in range(2):
             sf.write(root / label / f"c{i}.wav", _tone(250 + 80 * k, 0.6, rng), SR, subtype="PCM_16")
     out = tmp_path_factory.mktemp("odd_run") / "run"
-    res = last_json(cli("train", "audio", "--config", "fast", "data.source=folder", f"data.root={root}",
+    res = last_json(cli("train", "audio", "--config", "waveform", "data.source=folder", f"data.root={root}",
                         "train.steps=1", *TINY, "--out", str(out), "--no-progress"))
     assert res["step"] == 1
     return out

@@ -103,7 +103,7 @@ def autoencoder(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def latent_run(autoencoder: Path, folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("latent") / "run"
-    res = last_json(cli("train", "audio", "--config", "latent", "data.source=folder", f"data.root={folder}",
+    res = last_json(cli("train", "audio", "--config", "fast", "data.source=folder", f"data.root={folder}",
                         f"data.latent={autoencoder}", "train.steps=3", *TINY_LATENT, "--out", str(out),
                         "--no-progress"))
     assert res["step"] == 3
@@ -182,7 +182,7 @@ def test_autoencoder_recipe_refuses_clips_shorter_than_its_receptive_field(folde
 
 
 def test_latent_model_with_a_classifier_as_autoencoder_is_refused(tmp_path: Path) -> None:
-    proc = cli("train", "audio", "--config", "latent", "data.latent=data/checkpoints/audio_classifier.safetensors",
+    proc = cli("train", "audio", "--config", "fast", "data.latent=data/checkpoints/audio_classifier.safetensors",
                "train.steps=1", *TINY_LATENT, "--out", str(tmp_path / "r"), "--no-progress")
     assert proc.returncode != 0
     assert "audio_classifier.safetensors" in squash(proc.stderr), proc.stderr[-2000:]
