@@ -298,9 +298,8 @@ class Batcher:
                     return None
                 head = self._pending[0]
                 start = max(head.enqueued, self._free_since) if cfg.wait_from == "idle" else head.enqueued
-                key, deadline = head.key, start + cfg.max_wait_ms / 1000.0
-                if head.alone:  # no batch-mates possible: no wait
-                    deadline = 0.0
+                key = head.key
+                deadline = 0.0 if head.alone else start + cfg.max_wait_ms / 1000.0  # alone: no batch-mates to wait for
                 while (self._pending and self._pending[0] is head and self._available(key) < cfg.max_batch
                        and not self._stopping):
                     left = deadline - time.monotonic()

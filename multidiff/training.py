@@ -612,25 +612,26 @@ class Trainer:
         Rank 0 resolves and checks the file and shares the result (or the error), so every rank loads the same
         checkpoint and all raise together."""
         decision: tuple[Path, int | None] | Exception | None = None
+        checked: ckpt_io.LoadedCheckpoint | None = None
         if self.env.is_main:
             try:
-                decision = self._check_init(path)
+                checked = self._check_init(path)
+                decision = (checked.path, checked.step)
             except Exception as e:  # noqa: BLE001 - shared with the other ranks, raised below
                 decision = e
         decision = broadcast_object(decision)
         if isinstance(decision, Exception):
             raise decision
         target, step = decision
-        weights = ckpt_io.load_checkpoint_for_sampling(target).weights(prefer_ema=True)
-        self.model.load_state_dict(weights)
+        ckpt = checked if checked is not None else ckpt_io.load_checkpoint_for_sampling(target)  # rank 0 read it once
+        self.model.load_state_dict(ckpt.weights(prefer_ema=True))
         self.ema.module.load_state_dict(self.model.state_dict())
         return step
 
-    def _check_init(self, path: str) -> tuple[Path, int | None]:
-        """The checkpoint file that ``train.init`` names and its step; errors name ``train.init`` and what differs."""
+    def _check_init(self, path: str) -> ckpt_io.LoadedCheckpoint:
+        """The checkpoint that ``train.init`` names, checked against this run; errors name ``train.init``."""
         try:
-            target = ckpt_io.resolve_checkpoint(path)
-            ckpt = ckpt_io.load_checkpoint_for_sampling(target)
+            ckpt = ckpt_io.load_checkpoint_for_sampling(path)
         except ckpt_io.CheckpointError as e:
             raise ValueError(f"train.init={path}: {e}") from None
         mine, theirs = self.run_config.get("domain"), ckpt.config.get("domain")
@@ -645,7 +646,7 @@ class Trainer:
                 f"train.init={path}: its weights do not fit the model this config builds (missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}, shapes {shapes[:3]}); give the init checkpoint's model settings "
                 f"(e.g. --config RUN/config.yaml)")
-        return target, ckpt.step
+        return ckpt
 
     def _save(self, stream: _DataStream, elapsed_s: float) -> Path | None:
         """Write a checkpoint of the current step (rank 0 writes; every rank contributes its RNG state)."""
