@@ -104,6 +104,17 @@ def distill(
             batches = iter(loader)
             return next(batches)
 
+    def save_student(net: Any, n_steps: int, where: Path) -> Path:
+        student_cfg = copy.deepcopy(cfg)
+        student_cfg.sample.sampler, student_cfg.sample.steps = "ddim", n_steps
+        student_cfg.sample.grid, student_cfg.sample.guidance = grid, 1.0
+        student_cfg.sample.guidance_interval = None
+        meta = {"distilled_from": str(model.path), "distill": {
+            "steps": n_steps, "rounds": len(done), "iters": iters, "iters_done": list(done), "guidance": w,
+            "guidance_interval": list(interval) if interval is not None else None, "grid": grid, "lr": lr,
+            "batch_size": bs, "minutes": round((time.monotonic() - start) / 60.0, 2)}}
+        return save_checkpoint(where, sum(done), net.state_dict(), None, {}, config_to_dict(student_cfg), meta)
+
     device = next(teacher.parameters()).device
     current = teacher.eval().requires_grad_(False)
     done: list[int] = []
@@ -162,13 +173,6 @@ def distill(
             log({"round": r + 1, "rounds": rounds, "student_steps": coarse.numel() - 1, "iters_done": it + 1,
                  "minutes": round((time.monotonic() - start) / 60.0, 2)})
         current = student.eval().requires_grad_(False)
-    student_cfg = copy.deepcopy(cfg)
-    student_cfg.sample.sampler, student_cfg.sample.steps = "ddim", steps
-    student_cfg.sample.grid, student_cfg.sample.guidance = grid, 1.0
-    student_cfg.sample.guidance_interval = None
-    out = Path(out)
-    meta = {"distilled_from": str(model.path), "distill": {
-        "steps": steps, "rounds": rounds, "iters": iters, "iters_done": done, "guidance": w,
-        "guidance_interval": list(interval) if interval is not None else None, "grid": grid, "lr": lr,
-        "batch_size": bs, "minutes": round((time.monotonic() - start) / 60.0, 2)}}
-    return save_checkpoint(out, sum(done), current.state_dict(), None, {}, config_to_dict(student_cfg), meta)
+        if r < rounds - 1:  # every intermediate student is a usable checkpoint too
+            save_student(current, coarse.numel() - 1, Path(out) / "rounds" / f"{coarse.numel() - 1}-step")
+    return save_student(current, steps, Path(out))
