@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from .schedules import Schedule
 from .spaces import Generators, Space
 
-__all__ = ["kappa", "corrupt", "jump", "cross_entropy", "rows_of"]
+__all__ = ["kappa", "corrupt", "jump", "two_jump_probs", "cross_entropy", "rows_of"]
 
 
 def kappa(schedule: Schedule, t: Tensor) -> Tensor:
@@ -68,6 +68,20 @@ def jump(x: Tensor, probs: Tensor, k_t: float, k_s: float, generator: Generators
     draw = (cdf < (u * cdf[..., -1]).unsqueeze(-1)).sum(-1).clamp_max(classes - 1)  # inverse-CDF draw from probs
     moves = _uniform(x.shape[:-1], generator, batch, x.device) < (k_t - k_s) / k_t
     return torch.where(moves.unsqueeze(-1), F.one_hot(draw, classes).to(x.dtype), x)
+
+
+def two_jump_probs(p1: Tensor, p2: Tensor, k_t: float, k_m: float, k_s: float) -> Tensor:
+    """Class probabilities p* whose one jump t -> s has the law of the two jumps t -> m (with ``p1``) -> s (with
+    ``p2``, drawn at the reached x_m): progressive distillation's target for a categorical part.
+
+    A row keeps its class through both jumps with probability (k_m / k_t)(k_s / k_m) = k_s / k_t, the keep probability
+    of one jump t -> s, so the moves must match: q p* = q1 (1 - q2) p1 + q2 p2 with q = (k_t - k_s) / k_t,
+    q1 = (k_t - k_m) / k_t, q2 = (k_m - k_s) / k_m. ``p2`` from one draw of x_m is an unbiased estimate (a
+    cross-entropy to it averages over x_m)."""
+    if not 0 < k_s < k_m < k_t:
+        raise ValueError(f"two_jump_probs: expected 0 < k_s < k_m < k_t, got {k_s}, {k_m}, {k_t}")
+    w1 = k_s * (k_t - k_m) / (k_m * (k_t - k_s))
+    return w1 * p1 + (1.0 - w1) * p2
 
 
 def cross_entropy(logits: Tensor, x0: Tensor) -> Tensor:

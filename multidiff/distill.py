@@ -7,7 +7,9 @@ original model is the teacher on a grid of about steps * 2^R points. Each round 
 teacher) learns, for x_t = alpha_t x0 + sigma_t n on one of its grid points, the x0 that takes one DDIM step t -> s to
 where two deterministic teacher DDIM steps t -> mid -> s land:
     x~ = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - sigma_s alpha_t / sigma_t)   (x~ = the teacher's x0 when s = 0),
-weighted by max(SNR_t, 1) ("truncated SNR"). The first teacher is guided (scale w, two passes), the students are not:
+weighted by max(SNR_t, 1) ("truncated SNR"). Categorical parts (``spaces.Categorical``) learn, by KL divergence
+x the recipe's ``categorical_weight``, the class probabilities whose one jump t -> s has the law of the teacher's two
+jumps (``categorical.two_jump_probs``). The first teacher is guided (scale w, two passes), the students are not:
 their checkpoint says ``sample.sampler=ddim``, ``sample.steps``, ``sample.guidance=1``.
 """
 
@@ -22,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .categorical import corrupt, jump, kappa, two_jump_probs
 from .checkpoint import save_checkpoint
 from .config import config_to_dict
 from .guidance import ClassifierFreeGuidance
@@ -31,12 +34,16 @@ __all__ = ["refine_grid", "distill"]
 
 
 def refine_grid(schedule: Schedule, ts: Tensor) -> Tensor:
-    """Insert the logSNR midpoint into every interval of ``ts`` that ends at sigma > 0."""
+    """Insert the logSNR midpoint into every interval of ``ts`` that ends at sigma > 0 (the t midpoint where an end
+    is pure noise, logSNR = -inf, e.g. t = 1 on the ``flow`` schedule)."""
     out = [float(ts[0])]
     lam = schedule.logsnr(ts.to(torch.float64))
     for i in range(ts.numel() - 1):
-        if float(schedule.sigma(ts[i + 1].to(torch.float64))) > 0 and math.isfinite(float(lam[i])):
-            out.append(float(schedule.t_from_logsnr(0.5 * (lam[i] + lam[i + 1]))))
+        if float(schedule.sigma(ts[i + 1].to(torch.float64))) > 0:
+            if math.isfinite(float(lam[i])) and math.isfinite(float(lam[i + 1])):
+                out.append(float(schedule.t_from_logsnr(0.5 * (lam[i] + lam[i + 1]))))
+            else:
+                out.append(0.5 * (float(ts[i]) + float(ts[i + 1])))
         out.append(float(ts[i + 1]))
     return torch.tensor(out, dtype=torch.float64)
 
@@ -132,15 +139,17 @@ def distill(
             batch = next_batch()
             x0, cond, kwargs = dom.unpack(batch)
             x0, space = x0.to(device), dom.space(batch)
-            if space.discrete_parts():
-                raise ValueError("distill: categorical parts (spaces.Categorical) are not supported by progressive "
-                                 "distillation here")
+            discrete = space.discrete_parts()
             num = space.num_samples if space.num_samples is not None else x0.shape[0]
             j = torch.randint(coarse.numel() - 1, (), generator=gen).item()  # one grid interval per batch
             t, s = coarse[j], coarse[j + 1]
             a_t, s_t = float(schedule.alpha(t)), float(schedule.sigma(t))
             a_s, s_s = float(schedule.alpha(s)), float(schedule.sigma(s))
-            z_t = (a_t * space.project(x0) + s_t * teacher.kernel.noise(x0, space, gen)).to(x0.dtype)
+            x0, noise = space.project(x0), teacher.kernel.noise(x0, space, gen)
+            z_t = (a_t * x0 + s_t * noise).to(x0.dtype)
+            k_t = float(kappa(schedule, t))
+            for sl, part in discrete:  # categorical parts: uniform corruption with probability kappa(t)
+                z_t[..., sl] = corrupt(x0[..., sl], noise[..., sl], k_t, gen, part.batch)
 
             def teach(x: Tensor, tt: Tensor) -> Tensor:
                 fn = lambda xx, ttt, c: current(xx, ttt, c, space=space, **kwargs)  # noqa: E731
@@ -149,18 +158,31 @@ def distill(
                 return fn(x, tt, cond)
 
             with torch.no_grad():
-                if s_s == 0:
-                    target = teach(z_t, t)
+                d_t = teach(z_t, t)
+                k = int(torch.nonzero(fine == t)[0])  # t -> fine[k + 1] (the midpoint) -> s
+                if s_s == 0 or fine[k + 1] == s:  # an interval the teacher takes in one step (the last, to sigma = 0)
+                    z_s = _ddim(z_t, d_t, a_t, s_t, a_s, s_s)
+                    target = d_t if s_s == 0 else (z_s - (s_s / s_t) * z_t) / (a_s - s_s * a_t / s_t)
+                    probs = [d_t[..., sl] for sl, _ in discrete]
                 else:
-                    k = int(torch.nonzero(fine == t)[0])  # t -> fine[k + 1] (the midpoint) -> s
                     m = fine[k + 1]
-                    a_m, s_m = float(schedule.alpha(m)), float(schedule.sigma(m))
-                    z_m = _ddim(z_t, teach(z_t, t), a_t, s_t, a_m, s_m)
-                    z_s = _ddim(z_m, teach(z_m, m), a_m, s_m, a_s, s_s) if fine[k + 2] == s else z_m
+                    a_m, s_m, k_m = float(schedule.alpha(m)), float(schedule.sigma(m)), float(kappa(schedule, m))
+                    z_m = _ddim(z_t, d_t, a_t, s_t, a_m, s_m)
+                    for sl, part in discrete:
+                        z_m[..., sl] = jump(z_t[..., sl], d_t[..., sl], k_t, k_m, gen, part.batch)
+                    d_m = teach(z_m, m)
+                    z_s = _ddim(z_m, d_m, a_m, s_m, a_s, s_s)
                     target = (z_s - (s_s / s_t) * z_t) / (a_s - s_s * a_t / s_t)
-            pred = student(z_t, t, cond, space=space, **kwargs)
+                    k_s = float(kappa(schedule, s))
+                    probs = [two_jump_probs(d_t[..., sl], d_m[..., sl], k_t, k_m, k_s) for sl, _ in discrete]
+            pred, raw = student._denoise(z_t, t, cond, space, **kwargs)
             weight = max(math.exp(float(schedule.logsnr(t))), 1.0)
-            loss = weight * space.continuous_mean_per_sample((pred.double() - target.double()) ** 2).mean()
+            per_sample = weight * space.continuous_mean_per_sample((pred.double() - target.double()) ** 2)
+            for (sl, part), p in zip(discrete, probs):  # KL(p* || student) per row, x the recipe's categorical weight
+                p = p.double()
+                kl = (p * (p.clamp_min(1e-12).log() - torch.log_softmax(raw[..., sl].double(), -1))).sum(-1)
+                per_sample = per_sample + student.categorical_weight * part.mean_per_sample(kl.unsqueeze(-1))
+            loss = per_sample.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
