@@ -3,9 +3,11 @@
 
 The student's grid is the sampling grid ``make_grid(schedule, steps, grid)``; round r's teacher grid refines every
 interval of the student's by its logSNR midpoint (the last interval to sigma = 0 stays whole), so after R rounds the
-original model is the teacher on a grid of about steps * 2^R points. Each round the student (initialised from the
-teacher) learns, for x_t = alpha_t x0 + sigma_t n on one of its grid points, the x0 that takes one DDIM step t -> s to
-where two deterministic teacher DDIM steps t -> mid -> s land:
+original model is the teacher on a grid of about steps * 2^R points (an interval from pure noise, logSNR = -inf, is
+split at its t midpoint). Each round the student (initialised from the teacher) learns, for x_t = alpha_t x0 +
+sigma_t n on one of its grid points, the x0 that takes one DDIM step t -> s to where two teacher DDIM steps
+t -> mid -> s land (deterministic for continuous states; with categorical parts the first jump is drawn, so the
+target is a one-sample estimate and the student learns its mean):
     x~ = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - sigma_s alpha_t / sigma_t)   (x~ = the teacher's x0 when s = 0),
 weighted by max(SNR_t, 1) ("truncated SNR"). Categorical parts (``spaces.Categorical``) learn, by KL divergence
 x the recipe's ``categorical_weight``, the class probabilities whose one jump t -> s has the law of the teacher's two
@@ -29,6 +31,7 @@ from .checkpoint import save_checkpoint
 from .config import config_to_dict
 from .guidance import ClassifierFreeGuidance
 from .schedules import GRIDS, Schedule, make_grid
+from .spaces import Categorical, Product, Space
 
 __all__ = ["refine_grid", "distill"]
 
@@ -50,6 +53,24 @@ def refine_grid(schedule: Schedule, ts: Tensor) -> Tensor:
 
 def _ddim(x: Tensor, d: Tensor, a_t: float, s_t: float, a_s: float, s_s: float) -> Tensor:
     return a_s * d + (s_s / s_t) * (x - a_t * d)
+
+
+def _on_simplex(d: Tensor, discrete: list[tuple[slice, Categorical]]) -> Tensor:
+    """Categorical parts of a (guided) estimate clamped at 0 and renormalised, the law ``categorical.jump`` draws
+    from (guidance d_u + w (d_c - d_u) can leave the simplex)."""
+    if not discrete:
+        return d
+    d = d.clone()
+    for sl, _ in discrete:
+        p = d[..., sl].clamp_min(0)
+        d[..., sl] = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+    return d
+
+
+def _has_continuous_part(space: Space) -> bool:
+    if isinstance(space, Categorical):
+        return False
+    return not (isinstance(space, Product) and all(isinstance(part, Categorical) for _, part in space.parts))
 
 
 def distill(
@@ -158,7 +179,7 @@ def distill(
                 return fn(x, tt, cond)
 
             with torch.no_grad():
-                d_t = teach(z_t, t)
+                d_t = _on_simplex(teach(z_t, t), discrete)
                 k = int(torch.nonzero(fine == t)[0])  # t -> fine[k + 1] (the midpoint) -> s
                 if s_s == 0 or fine[k + 1] == s:  # an interval the teacher takes in one step (the last, to sigma = 0)
                     z_s = _ddim(z_t, d_t, a_t, s_t, a_s, s_s)
@@ -170,14 +191,16 @@ def distill(
                     z_m = _ddim(z_t, d_t, a_t, s_t, a_m, s_m)
                     for sl, part in discrete:
                         z_m[..., sl] = jump(z_t[..., sl], d_t[..., sl], k_t, k_m, gen, part.batch)
-                    d_m = teach(z_m, m)
+                    d_m = _on_simplex(teach(z_m, m), discrete)
                     z_s = _ddim(z_m, d_m, a_m, s_m, a_s, s_s)
                     target = (z_s - (s_s / s_t) * z_t) / (a_s - s_s * a_t / s_t)
                     k_s = float(kappa(schedule, s))
                     probs = [two_jump_probs(d_t[..., sl], d_m[..., sl], k_t, k_m, k_s) for sl, _ in discrete]
             pred, raw = student._denoise(z_t, t, cond, space, **kwargs)
             weight = max(math.exp(float(schedule.logsnr(t))), 1.0)
-            per_sample = weight * space.continuous_mean_per_sample((pred.double() - target.double()) ** 2)
+            per_sample = torch.zeros(num, dtype=torch.float64, device=x0.device)
+            if _has_continuous_part(space):
+                per_sample = weight * space.continuous_mean_per_sample((pred.double() - target.double()) ** 2)
             for (sl, part), p in zip(discrete, probs):  # KL(p* || student) per row, x the recipe's categorical weight
                 p = p.double()
                 kl = (p * (p.clamp_min(1e-12).log() - torch.log_softmax(raw[..., sl].double(), -1))).sum(-1)
@@ -195,6 +218,6 @@ def distill(
             log({"round": r + 1, "rounds": rounds, "student_steps": coarse.numel() - 1, "iters_done": it + 1,
                  "minutes": round((time.monotonic() - start) / 60.0, 2)})
         current = student.eval().requires_grad_(False)
-        if r < rounds - 1:  # every intermediate student is a usable checkpoint too
-            save_student(current, coarse.numel() - 1, Path(out) / "rounds" / f"{coarse.numel() - 1}-step")
+    # (an intermediate student is not saved: it was trained on a refined grid that ``make_grid(N, grid)`` does not
+    # rebuild, and a checkpoint can only name a grid kind and a step count)
     return save_student(current, steps, Path(out))
