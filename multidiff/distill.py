@@ -31,7 +31,7 @@ from .checkpoint import save_checkpoint
 from .config import config_to_dict
 from .guidance import ClassifierFreeGuidance
 from .schedules import GRIDS, Schedule, make_grid
-from .spaces import Categorical, Product, Space
+from .spaces import Categorical
 
 __all__ = ["refine_grid", "distill"]
 
@@ -55,6 +55,11 @@ def _ddim(x: Tensor, d: Tensor, a_t: float, s_t: float, a_s: float, s_s: float) 
     return a_s * d + (s_s / s_t) * (x - a_t * d)
 
 
+def _x_tilde(z_s: Tensor, z_t: Tensor, a_t: float, s_t: float, a_s: float, s_s: float) -> Tensor:
+    """The x0 whose one DDIM step t -> s (s > 0) lands on ``z_s`` (the module doc's x~)."""
+    return (z_s - (s_s / s_t) * z_t) / (a_s - s_s * a_t / s_t)
+
+
 def _on_simplex(d: Tensor, discrete: list[tuple[slice, Categorical]]) -> Tensor:
     """Categorical parts of a (guided) estimate clamped at 0 and renormalised, the law ``categorical.jump`` draws
     from (guidance d_u + w (d_c - d_u) can leave the simplex)."""
@@ -65,12 +70,6 @@ def _on_simplex(d: Tensor, discrete: list[tuple[slice, Categorical]]) -> Tensor:
         p = d[..., sl].clamp_min(0)
         d[..., sl] = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
     return d
-
-
-def _has_continuous_part(space: Space) -> bool:
-    if isinstance(space, Categorical):
-        return False
-    return not (isinstance(space, Product) and all(isinstance(part, Categorical) for _, part in space.parts))
 
 
 def distill(
@@ -132,17 +131,6 @@ def distill(
             batches = iter(loader)
             return next(batches)
 
-    def save_student(net: Any, n_steps: int, where: Path) -> Path:
-        student_cfg = copy.deepcopy(cfg)
-        student_cfg.sample.sampler, student_cfg.sample.steps = "ddim", n_steps
-        student_cfg.sample.grid, student_cfg.sample.guidance = grid, 1.0
-        student_cfg.sample.guidance_interval = None
-        meta = {"distilled_from": str(model.path), "distill": {
-            "steps": n_steps, "rounds": len(done), "iters": iters, "iters_done": list(done), "guidance": w,
-            "guidance_interval": list(interval) if interval is not None else None, "grid": grid, "lr": lr,
-            "batch_size": bs, "minutes": round((time.monotonic() - start) / 60.0, 2)}}
-        return save_checkpoint(where, sum(done), net.state_dict(), None, {}, config_to_dict(student_cfg), meta)
-
     device = next(teacher.parameters()).device
     current = teacher.eval().requires_grad_(False)
     done: list[int] = []
@@ -182,8 +170,7 @@ def distill(
                 d_t = _on_simplex(teach(z_t, t), discrete)
                 k = int(torch.nonzero(fine == t)[0])  # t -> fine[k + 1] (the midpoint) -> s
                 if s_s == 0 or fine[k + 1] == s:  # an interval the teacher takes in one step (the last, to sigma = 0)
-                    z_s = _ddim(z_t, d_t, a_t, s_t, a_s, s_s)
-                    target = d_t if s_s == 0 else (z_s - (s_s / s_t) * z_t) / (a_s - s_s * a_t / s_t)
+                    target = d_t if s_s == 0 else _x_tilde(_ddim(z_t, d_t, a_t, s_t, a_s, s_s), z_t, a_t, s_t, a_s, s_s)
                     probs = [d_t[..., sl] for sl, _ in discrete]
                 else:
                     m = fine[k + 1]
@@ -192,15 +179,12 @@ def distill(
                     for sl, part in discrete:
                         z_m[..., sl] = jump(z_t[..., sl], d_t[..., sl], k_t, k_m, gen, part.batch)
                     d_m = _on_simplex(teach(z_m, m), discrete)
-                    z_s = _ddim(z_m, d_m, a_m, s_m, a_s, s_s)
-                    target = (z_s - (s_s / s_t) * z_t) / (a_s - s_s * a_t / s_t)
+                    target = _x_tilde(_ddim(z_m, d_m, a_m, s_m, a_s, s_s), z_t, a_t, s_t, a_s, s_s)
                     k_s = float(kappa(schedule, s))
                     probs = [two_jump_probs(d_t[..., sl], d_m[..., sl], k_t, k_m, k_s) for sl, _ in discrete]
             pred, raw = student._denoise(z_t, t, cond, space, **kwargs)
             weight = max(math.exp(float(schedule.logsnr(t))), 1.0)
-            per_sample = torch.zeros(num, dtype=torch.float64, device=x0.device)
-            if _has_continuous_part(space):
-                per_sample = weight * space.continuous_mean_per_sample((pred.double() - target.double()) ** 2)
+            per_sample = weight * space.continuous_mean_per_sample((pred.double() - target.double()) ** 2)
             for (sl, part), p in zip(discrete, probs):  # KL(p* || student) per row, x the recipe's categorical weight
                 p = p.double()
                 kl = (p * (p.clamp_min(1e-12).log() - torch.log_softmax(raw[..., sl].double(), -1))).sum(-1)
@@ -218,6 +202,14 @@ def distill(
             log({"round": r + 1, "rounds": rounds, "student_steps": coarse.numel() - 1, "iters_done": it + 1,
                  "minutes": round((time.monotonic() - start) / 60.0, 2)})
         current = student.eval().requires_grad_(False)
-    # (an intermediate student is not saved: it was trained on a refined grid that ``make_grid(N, grid)`` does not
-    # rebuild, and a checkpoint can only name a grid kind and a step count)
-    return save_student(current, steps, Path(out))
+    # only the final student is saved: an intermediate one was trained on a refined grid that ``make_grid(N, grid)``
+    # does not rebuild, and a checkpoint names only a grid kind and a step count
+    student_cfg = copy.deepcopy(cfg)
+    student_cfg.sample.sampler, student_cfg.sample.steps = "ddim", steps
+    student_cfg.sample.grid, student_cfg.sample.guidance = grid, 1.0
+    student_cfg.sample.guidance_interval = None
+    meta = {"distilled_from": str(model.path), "distill": {
+        "steps": steps, "rounds": rounds, "iters": iters, "iters_done": done, "guidance": w,
+        "guidance_interval": list(interval) if interval is not None else None, "grid": grid, "lr": lr,
+        "batch_size": bs, "minutes": round((time.monotonic() - start) / 60.0, 2)}}
+    return save_checkpoint(Path(out), sum(done), current.state_dict(), None, {}, config_to_dict(student_cfg), meta)

@@ -85,7 +85,8 @@ class Space(ABC):
         return []
 
     def continuous_mean_per_sample(self, x: Tensor) -> Tensor:
-        """Mean over each sample's continuous entries: [B] (all entries when there is no categorical part)."""
+        """Mean over each sample's continuous entries: [B] (all entries when there is no categorical part, zeros
+        when there is no continuous one)."""
         return self.mean_per_sample(x)
 
 
@@ -302,7 +303,7 @@ class Product(Space):
     def continuous_mean_per_sample(self, x: Tensor) -> Tensor:
         parts = [(sl, space) for sl, space in self.parts if not isinstance(space, Categorical)]
         if not parts:
-            raise ValueError("Product: no continuous part to average over")
+            return torch.zeros_like(self.mean_per_sample(x))
         total = sum(space.sum_per_sample(x[..., sl]) for sl, space in parts)
         return total / sum(space.count_per_sample(x[..., sl]) for sl, space in parts)  # type: ignore[return-value]
 
@@ -371,6 +372,9 @@ class Categorical(Space):
 
     def discrete_parts(self) -> list[tuple[slice, "Categorical"]]:
         return [(slice(None), self)]
+
+    def continuous_mean_per_sample(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(self.mean_per_sample(x))
 
     def __repr__(self) -> str:
         return f"Categorical(classes={self.classes}, base={self.base!r})"

@@ -320,3 +320,16 @@ def test_categorical_bad_input() -> None:
         Categorical(3).check(torch.zeros(4, 5))
     with pytest.raises(ValueError, match="categorical_weight"):
         Denoiser(nn.Identity(), "flow", categorical_weight=-1.0)
+
+
+def test_a_space_without_continuous_entries_has_no_continuous_error() -> None:
+    """continuous_mean_per_sample averages continuous entries only: zeros for Categorical and an all-categorical
+    Product (the one-hot columns are never compared as numbers), the continuous part alone for a mixed Product."""
+    from multidiff.spaces import Categorical, Euclidean, Product
+
+    x = torch.rand(4, 5, dtype=torch.float64)
+    assert torch.equal(Categorical(5).continuous_mean_per_sample(x), torch.zeros(4, dtype=torch.float64))
+    both = Product([(slice(0, 2), Categorical(2)), (slice(2, 5), Categorical(3))])
+    assert torch.equal(both.continuous_mean_per_sample(x), torch.zeros(4, dtype=torch.float64))
+    mixed = Product([(slice(0, 2), Euclidean()), (slice(2, 5), Categorical(3))])
+    assert torch.allclose(mixed.continuous_mean_per_sample(x), x[:, :2].mean(1))
