@@ -6,7 +6,8 @@ Each RUN is sampled exactly as a user would (``multidiff sample molecules --chec
     python bench/molecules_screen.py runs/baseline runs/flow_x0 --num 1000 --samplers euler ancestral --steps 50 100
 
 The run's recipe (``diffusion.*``, ``data.atom_types``, model size) and its training steps / wall-clock are printed
-in each line's ``setting`` so the table says which levers a row has.
+in each line's ``setting`` so the table says which levers a row has. ``--seed K`` samples the K-th disjoint block
+of per-sample seeds (``multidiff sample --seed S`` gives sample i the seed S + i, so S and S + 1 share all but one).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
 
+SEED_STRIDE = 1 << 20  # as multidiff.jobs: blocks of per-sample seeds that never overlap
 METRICS = ("atom_stability", "mol_stability", "validity", "uniqueness", "valid_x_unique")
 
 
@@ -49,7 +51,9 @@ def main() -> None:
     ap.add_argument("--num", type=int, default=1000)
     ap.add_argument("--samplers", nargs="+", default=["euler"])
     ap.add_argument("--steps", nargs="+", type=int, default=[100])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="K: the K-th disjoint block of samples (sample i gets seed K * 2**20 + i; seeds K and K+1 "
+                         "would otherwise share all but one sample)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -59,14 +63,16 @@ def main() -> None:
             for steps in args.steps:
                 with tempfile.TemporaryDirectory() as tmp:
                     cmd = [sys.executable, "-m", "multidiff.cli", "sample", "molecules", "--checkpoint", str(run),
-                           "--num", str(args.num), "--steps", str(steps), "--sampler", sampler, "--seed", str(args.seed),
+                           "--num", str(args.num), "--steps", str(steps), "--sampler", sampler,
+                           "--seed", str(args.seed * SEED_STRIDE),
                            "--out", str(Path(tmp) / "s")]
                     start = time.perf_counter()
                     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
                     seconds = time.perf_counter() - start
                     metrics = json.loads((Path(tmp) / "s" / "metrics.json").read_text())
                 nfe = 2 * steps - 1 if sampler == "heun" else steps
-                row = {**setting, "sampler": sampler, "steps": steps, "nfe": nfe, "num": args.num}
+                row = {**setting, "sampler": sampler, "steps": steps, "nfe": nfe, "num": args.num,
+                       "seed_block": args.seed}
                 for name in METRICS:
                     emit(f"molecules_{name}", row, metrics.get(name), "fraction")
                 emit("molecules_sampling_rate", row, args.num / seconds, "molecules/s (incl. load + metrics)")

@@ -252,3 +252,40 @@ def test_a_model_with_a_categorical_part_distils(tmp_path: Path) -> None:
     assert tv_s < tv4 - 0.03, (tv_s, tv4)  # 0.066 vs 0.134
     assert near_s > near4 + 0.02, (near_s, near4)  # 0.948 vs 0.901
     assert sharp_s > sharp4 + 0.08, (sharp_s, sharp4)  # 0.519 vs 0.360
+
+
+class _SelfCondMLP(_MLP):
+    """``_MLP`` that takes a self-conditioning input and records whether it got one."""
+
+    supports_self_conditioning = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got_self_cond: list[bool] = []
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: dict | None = None,
+                self_cond: torch.Tensor | None = None) -> torch.Tensor:
+        self.got_self_cond.append(self_cond is not None)
+        return super().forward(x, c_noise, cond)
+
+
+def test_a_self_conditioned_teacher_gives_a_student_that_samples_without_it(tmp_path: Path) -> None:
+    """The teacher is queried without a self-conditioning input, so the student is trained and sampled without one
+    (its config says self_condition 0; the teacher's p is kept in the distill metadata)."""
+    from multidiff.diffusion import Denoiser
+
+    dom = _PointsWithClass()
+    den = Denoiser(_SelfCondMLP(), "flow", target="x0", self_condition=0.5)
+    cfg = pipeline.load_run_config(get_domain("toy"), None, ["sample.guidance=1", "train.batch_size=64",
+                                                              "diffusion.self_condition=0.5"])
+    model = pipeline.LoadedModel(dom, cfg, den.eval(), 0, tmp_path / "teacher")
+    path = distill(model, 2, tmp_path / "student", rounds=1, iters=3, lr=1e-3)
+    assert den.backbone.got_self_cond and not any(den.backbone.got_self_cond)  # the teacher never got one
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        saved = json.loads(f.metadata()["config"])
+    assert saved["diffusion"]["self_condition"] == 0.0
+    assert _distill_meta(path)["teacher_self_condition"] == 0.5
