@@ -88,6 +88,11 @@ class TrainingModule(nn.Module):
     def forward(self, batch: Any) -> Tensor:
         return self.domain.loss(self.denoiser, batch)
 
+    @property
+    def compile_target(self) -> nn.Module:
+        """What ``train.compile`` compiles: the backbone (the loss around it runs host-side code, e.g. scipy's OT)."""
+        return self.denoiser.backbone
+
 
 def train(
     domain: Domain,

@@ -76,6 +76,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False  # torch.compile the model's compile_target (the backbone) for training; eager if it fails
     log_every: int = 50
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
@@ -316,6 +317,48 @@ def with_precision(net: nn.Module, precision: str, device: torch.device) -> nn.M
     return _AutocastForward(net, device.type)
 
 
+class compiled_forward:
+    """Context: ``module``'s forward runs through ``torch.compile`` (inductor, dynamic shapes) for this instance only.
+
+    The module's parameters, ``state_dict`` and any copy made before (the EMA) are untouched. If compiling or running
+    the compiled code fails while eager succeeds on the same input (no C++ compiler, an unsupported op), the module
+    stays eager from then on and says so once; an error eager raises too is the model's own and propagates."""
+
+    def __init__(self, module: nn.Module, *, dynamic: bool = True) -> None:
+        self.module, self.dynamic = module, dynamic
+        self.failed: str | None = None
+
+    def __enter__(self) -> compiled_forward:
+        module, eager = self.module, self.module.forward
+        compiled = torch.compile(eager, dynamic=self.dynamic)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self.failed is None:
+                try:
+                    return compiled(*args, **kwargs)
+                except Exception as error:  # noqa: BLE001 - decided below by whether eager fails as well
+                    out = eager(*args, **kwargs)
+                    first = str(error).strip().splitlines()
+                    self.failed = f"{type(error).__name__}: {first[0][:300] if first else ''}"
+                    log.warning("train.compile: torch.compile failed for %s (%s); training eager",
+                                type(module).__name__, self.failed)
+                    return out
+            return eager(*args, **kwargs)
+
+        module.forward = forward  # type: ignore[method-assign]  # instance attribute: shadows the class's forward
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
+def compile_target(model: nn.Module) -> nn.Module:
+    """The submodule ``train.compile`` compiles: ``model.compile_target`` when the model names one (the denoiser's
+    backbone: the loss around it holds host-side work such as the OT assignment), else the whole model."""
+    target = getattr(model, "compile_target", None)
+    return target if isinstance(target, nn.Module) else model
+
+
 # --- logging / progress -------------------------------------------------------------------------------------------
 
 
@@ -484,8 +527,9 @@ class Trainer:
         win_loss, win_n, win_t = 0.0, 0, time.perf_counter()
         self.model.train()
         stop, stop_signal = StopSignals(), None
+        compiling = compiled_forward(compile_target(self.model)) if cfg.compile else None
         try:
-            with stop:
+            with stop, compiling if compiling is not None else nullcontext():
                 while self.step < cfg.steps and stopped == "steps":
                     loss, gnorm, lr, time_up, stop_signal = self._train_step(net, stream, elapsed() >= budget_s,
                                                                              stop.signum)
@@ -518,6 +562,8 @@ class Trainer:
                         last_ckpt = self._save(stream, elapsed())
                 if stopped == "interrupted" and runlog is not None:
                     runlog.write({"step": self.step, "event": "interrupted", "signal": signal.Signals(stop_signal).name})
+            if compiling is not None and compiling.failed and runlog is not None:
+                runlog.write({"step": self.step, "event": "compile_failed", "error": compiling.failed})
         except NonFiniteLossError as e:
             if runlog is not None:
                 runlog.write({"step": self.step + 1, "event": "error", "error": str(e)})

@@ -318,3 +318,88 @@ def test_signal_stops_training_with_a_checkpoint_and_resume_continues(tmp_path: 
     assert resumed["stopped"] == "steps" and resumed["step"] == result["step"] + 5
     starts = [json.loads(line) for line in log.read_text().splitlines() if '"resume"' in line]
     assert starts and starts[-1]["step"] == result["step"]
+
+
+# --- train.compile ------------------------------------------------------------------------------------------------
+
+
+class _WithTarget(nn.Module):
+    """A model whose compile_target is its inner MLP (as TrainingModule names the denoiser's backbone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    @property
+    def compile_target(self) -> nn.Module:
+        return self.net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_compile_trains_the_same_weights_through_inductor(tmp_path: Path) -> None:
+    """train.compile runs the compile target through torch.compile (graphs are compiled) and, float rounding aside,
+    learns what eager learns; the checkpoint's keys and the EMA copy are the eager module's."""
+    import torch._dynamo
+
+    from multidiff.training import compile_target
+
+    finals = {}
+    for flag in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model = _WithTarget()
+        assert compile_target(model) is model.net and compile_target(mlp()) is not None
+        cfg = TrainConfig(steps=6, batch_size=16, lr=1e-2, warmup_steps=0, ckpt_every=0, compile=flag)
+        trainer = Trainer(model, mse, dataset(), cfg, tmp_path / str(flag), progress=False)
+        trainer.fit()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == flag, graphs
+        assert "forward" not in model.net.__dict__  # the compiled forward is gone after fit
+        assert not any(r.get("event") == "compile_failed" for r in records(tmp_path / str(flag)))
+        finals[flag] = model.state_dict()
+        weights, _, _, _ = ck.load_weights(tmp_path / str(flag) / "checkpoints" / "step_00000006" / "model.safetensors")
+        assert set(weights) == set(model.state_dict())  # no "_orig_mod." prefixes
+    assert not torch.equal(finals[True]["net.0.weight"], _WithTarget().state_dict()["net.0.weight"])
+    for k, v in finals[False].items():
+        assert torch.allclose(finals[True][k], v, rtol=1e-4, atol=1e-5), k
+
+
+def test_compile_falls_back_to_eager_once_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A compiler that fails (no C++ compiler, an unsupported op) leaves the run training eagerly, with one warning
+    and a compile_failed record; an error eager raises too is the model's own and propagates."""
+    import copy
+
+    import multidiff.training as tr
+
+    calls = {"compiled": 0}
+
+    def broken_compile(fn: Any, **kwargs: Any) -> Any:
+        def run(*a: Any, **k: Any) -> Any:
+            calls["compiled"] += 1
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(tr.torch, "compile", broken_compile)
+    model = _WithTarget()
+    cfg = TrainConfig(steps=5, batch_size=16, lr=1e-2, warmup_steps=0, ckpt_every=0, log_every=1, compile=True)
+    with caplog.at_level("WARNING", logger="multidiff.training"):
+        result = Trainer(model, mse, dataset(), cfg, tmp_path / "a", progress=False).fit()
+    assert result.step == 5 and calls["compiled"] == 1  # tried once, then eager
+    warned = [r.getMessage() for r in caplog.records if "train.compile" in r.getMessage()]
+    assert len(warned) == 1 and "InvalidCxxCompiler" in warned[0] and "training eager" in warned[0]
+    events = [r for r in records(tmp_path / "a") if r.get("event") == "compile_failed"]
+    assert len(events) == 1 and "no working C++ compiler" in events[0]["error"]
+    assert all(math.isfinite(r["loss"]) for r in records(tmp_path / "a") if "loss" in r)
+
+    class Bad(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("batch 3: expected 3 features")
+
+    bad = Bad()
+    ema = copy.deepcopy(bad)  # made before: keeps the class forward
+    with tr.compiled_forward(bad), pytest.raises(ValueError, match="expected 3 features"):
+        assert "forward" in bad.__dict__ and "forward" not in ema.__dict__
+        bad(torch.zeros(1))
