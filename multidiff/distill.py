@@ -208,12 +208,11 @@ def distill(
     student_cfg.sample.sampler, student_cfg.sample.steps = "ddim", steps
     student_cfg.sample.grid, student_cfg.sample.guidance = grid, 1.0
     student_cfg.sample.guidance_interval = None
-    # the teacher is queried without a self-conditioning input (its p = 1 - self_condition branch) and the student
-    # is trained without one, so it must also sample without one
-    student_cfg.diffusion.self_condition = 0.0
+    # the teacher is queried without a self-conditioning input (the branch it learned with probability 1 - p) and the
+    # student is trained without one, so it samples without one too (same network shape: diffusion.* is kept)
+    student_cfg.sample.self_condition = False
     meta = {"distilled_from": str(model.path), "distill": {
         "steps": steps, "rounds": rounds, "iters": iters, "iters_done": done, "guidance": w,
         "guidance_interval": list(interval) if interval is not None else None, "grid": grid, "lr": lr,
-        "batch_size": bs, "teacher_self_condition": float(cfg.diffusion.self_condition),
-        "minutes": round((time.monotonic() - start) / 60.0, 2)}}
+        "batch_size": bs, "minutes": round((time.monotonic() - start) / 60.0, 2)}}
     return save_checkpoint(Path(out), sum(done), current.state_dict(), None, {}, config_to_dict(student_cfg), meta)

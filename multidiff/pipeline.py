@@ -169,7 +169,8 @@ def generate(
     def cond_denoise(x: Tensor, t: Tensor, cond: dict[str, Tensor] | None, **extra: Any) -> Tensor:
         return den(x, t, cond, space=space, **kwargs, **extra)
 
-    self_cond = SelfConditioning(cond_denoise) if den.self_condition > 0 else None
+    feed_back = den.self_condition > 0 and getattr(model.cfg.sample, "self_condition", True)
+    self_cond = SelfConditioning(cond_denoise) if feed_back else None
     if self_cond is not None:
         cond_denoise = self_cond  # type: ignore[assignment]
 

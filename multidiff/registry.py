@@ -58,6 +58,8 @@ class SampleConfig:
     batch_size: int = positive(64)
     rtol: float = 0.003  # sampler 'adaptive' only: relative / absolute error tolerance per step
     atol: float = 0.003
+    self_condition: bool = True  # a self-conditioned model (diffusion.self_condition > 0) gets each step the previous
+    #                              x0 estimate; false: the no-estimate input it also learned (a distilled student)
 
     def __post_init__(self) -> None:
         """Reject tolerances the adaptive sampler cannot use (errors name ``sample.rtol`` / ``sample.atol``)."""

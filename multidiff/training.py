@@ -322,11 +322,13 @@ class compiled_forward:
 
     The module's parameters, ``state_dict`` and any copy made before (the EMA) are untouched. If compiling or running
     the compiled code fails while eager succeeds on the same input (no C++ compiler, an unsupported op), the module
-    stays eager from then on and says so once; an error eager raises too is the model's own and propagates."""
+    stays eager from then on and says so once; an error eager raises too is the model's own and propagates. A failure
+    compiling the backward pass (torch may compile it lazily, inside ``backward()``) is not caught."""
 
     def __init__(self, module: nn.Module, *, dynamic: bool = True) -> None:
         self.module, self.dynamic = module, dynamic
         self.failed: str | None = None
+        self._previous: Any = None
 
     def __enter__(self) -> compiled_forward:
         module, eager = self.module, self.module.forward
@@ -345,11 +347,16 @@ class compiled_forward:
                     return out
             return eager(*args, **kwargs)
 
+        self._previous = module.__dict__.get("forward")
         module.forward = forward  # type: ignore[method-assign]  # instance attribute: shadows the class's forward
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.module.__dict__.pop("forward", None)
+        # copies made inside the context share the compiled closure (deepcopy keeps functions): make them outside
+        if self._previous is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self._previous  # type: ignore[method-assign]
 
 
 def compile_target(model: nn.Module) -> nn.Module:
@@ -528,6 +535,7 @@ class Trainer:
         self.model.train()
         stop, stop_signal = StopSignals(), None
         compiling = compiled_forward(compile_target(self.model)) if cfg.compile else None
+        compile_noted = False
         try:
             with stop, compiling if compiling is not None else nullcontext():
                 while self.step < cfg.steps and stopped == "steps":
@@ -535,6 +543,10 @@ class Trainer:
                                                                              stop.signum)
                     self.step += 1
                     last_loss = loss
+                    if compiling is not None and compiling.failed and not compile_noted:
+                        compile_noted = True
+                        if runlog is not None:
+                            runlog.write({"step": self.step, "event": "compile_failed", "error": compiling.failed})
                     win_loss, win_n = win_loss + loss, win_n + 1
                     if stop_signal:  # on any rank: every rank stops after the same step, with the same signal
                         stopped = "interrupted"
@@ -562,8 +574,6 @@ class Trainer:
                         last_ckpt = self._save(stream, elapsed())
                 if stopped == "interrupted" and runlog is not None:
                     runlog.write({"step": self.step, "event": "interrupted", "signal": signal.Signals(stop_signal).name})
-            if compiling is not None and compiling.failed and runlog is not None:
-                runlog.write({"step": self.step, "event": "compile_failed", "error": compiling.failed})
         except NonFiniteLossError as e:
             if runlog is not None:
                 runlog.write({"step": self.step + 1, "event": "error", "error": str(e)})

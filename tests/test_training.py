@@ -392,6 +392,7 @@ def test_compile_falls_back_to_eager_once_and_says_so(tmp_path: Path, monkeypatc
     assert len(warned) == 1 and "InvalidCxxCompiler" in warned[0] and "training eager" in warned[0]
     events = [r for r in records(tmp_path / "a") if r.get("event") == "compile_failed"]
     assert len(events) == 1 and "no working C++ compiler" in events[0]["error"]
+    assert events[0]["step"] == 1  # written when it happened, not at the end
     assert all(math.isfinite(r["loss"]) for r in records(tmp_path / "a") if "loss" in r)
 
     class Bad(nn.Module):
@@ -403,3 +404,8 @@ def test_compile_falls_back_to_eager_once_and_says_so(tmp_path: Path, monkeypatc
     with tr.compiled_forward(bad), pytest.raises(ValueError, match="expected 3 features"):
         assert "forward" in bad.__dict__ and "forward" not in ema.__dict__
         bad(torch.zeros(1))
+    own = lambda x: x + 1  # noqa: E731  # an instance forward the module had before is restored afterwards
+    bad.forward = own  # type: ignore[method-assign]
+    with tr.compiled_forward(bad):
+        assert bad.forward is not own
+    assert bad.forward is own

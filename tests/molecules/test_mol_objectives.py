@@ -200,3 +200,31 @@ def test_objective_recipe_errors_name_the_key() -> None:
     tcfg.diffusion.coupling = "equivariant_ot"
     with pytest.raises(ValueError, match="defines no coupling"):
         toy.coupling(tcfg)
+
+
+def test_a_distilled_self_conditioned_molecules_model_loads_and_samples_without_feeding_back(tmp_path: Path) -> None:
+    """A self-conditioned EGNN (wider inputs) distilled to 2 steps: the student keeps the teacher's network shape, so
+    ``load_model`` reads it back, and it samples with no previous estimate fed back, as it was trained; the teacher
+    itself (and any self-conditioned model) gets the previous estimate from its second network evaluation on."""
+    from multidiff.distill import distill
+
+    teacher = tiny()
+    teacher.cfg.diffusion.self_condition = 0.5
+    torch.manual_seed(0)
+    teacher.denoiser = pipeline.build_denoiser(teacher.domain, teacher.cfg).eval().requires_grad_(False)
+    teacher.cfg.train.batch_size = 8
+    distill(teacher, 2, tmp_path / "student", rounds=1, iters=2)
+    student = pipeline.load_model(tmp_path / "student")  # the wider self-conditioning input is still there
+    assert student.cfg.diffusion.self_condition == 0.5 and student.cfg.sample.self_condition is False
+
+    def fed_back(model: pipeline.LoadedModel) -> list[bool]:
+        seen: list[bool] = []
+        hook = model.denoiser.backbone.register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.append(kwargs.get("self_cond") is not None), with_kwargs=True)
+        req = model.domain.request(model.cfg, 3, {}, seed=1)
+        pipeline.generate(model, req, sampler="ddim", steps=3, generator=torch.Generator().manual_seed(0))
+        hook.remove()
+        return seen
+
+    assert fed_back(student) == [False, False, False]
+    assert fed_back(teacher) == [False, True, True]
