@@ -26,7 +26,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
 
-SEED_STRIDE = 1 << 20  # as multidiff.jobs: blocks of per-sample seeds that never overlap
+from multidiff.jobs import SEED_STRIDE  # noqa: E402  # blocks of per-sample seeds that never overlap
 METRICS = ("atom_stability", "mol_stability", "validity", "uniqueness", "valid_x_unique")
 
 

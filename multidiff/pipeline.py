@@ -169,8 +169,7 @@ def generate(
     def cond_denoise(x: Tensor, t: Tensor, cond: dict[str, Tensor] | None, **extra: Any) -> Tensor:
         return den(x, t, cond, space=space, **kwargs, **extra)
 
-    feed_back = den.self_condition > 0 and getattr(model.cfg.sample, "self_condition", True)
-    self_cond = SelfConditioning(cond_denoise) if feed_back else None
+    self_cond = SelfConditioning(cond_denoise) if den.self_condition > 0 and model.cfg.sample.self_condition else None
     if self_cond is not None:
         cond_denoise = self_cond  # type: ignore[assignment]
 
